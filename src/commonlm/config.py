@@ -1,0 +1,296 @@
+"""Run configuration: three dataclasses (model, data, train) loaded from YAML and `--set` overrides.
+
+One `RunConfig` describes a training run completely; it is saved as `commonlm.yaml` in the run and in
+every model directory, so any stage can rebuild the model from it. Every key and value is checked
+against the dataclass fields: an unknown key or a bad value raises `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from commonlm.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Shape and switches of the one decoder. `family` picks the Hugging Face class it exports as."""
+
+    family: Literal["gpt2", "llama", "qwen3"] = "llama"
+    vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to a multiple of 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # 0: same as n_head (multi-head); fewer: grouped-query attention
+    d_model: int = 128
+    head_dim: int = 0  # 0: d_model // n_head
+    d_ff: int = 0  # 0: 4*d_model for gelu, ~8/3*d_model (multiple of 64) for swiglu
+    max_seq_len: int = 256
+    pos_emb: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
+    qk_norm: bool = False
+    bias: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return 64 * ((8 * self.d_model // 3 + 63) // 64)
+        return 4 * self.d_model
+
+    def validate(self) -> None:
+        _check(self.n_layer >= 1, "model.n_layer", self.n_layer, "must be at least 1")
+        _check(self.n_head >= 1, "model.n_head", self.n_head, "must be at least 1")
+        _check(self.d_model >= 1, "model.d_model", self.d_model, "must be at least 1")
+        _check(self.max_seq_len >= 2, "model.max_seq_len", self.max_seq_len, "must be at least 2")
+        _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0 (0 = from tokenizer)")
+        _check(
+            self.head_dim > 0 or self.d_model % self.n_head == 0,
+            "model.d_model",
+            self.d_model,
+            f"must be divisible by model.n_head={self.n_head} (or set model.head_dim)",
+        )
+        _check(
+            self.n_kv_head >= 0 and self.n_head % self.kv_heads == 0,
+            "model.n_kv_head",
+            self.n_kv_head,
+            f"must divide model.n_head={self.n_head}",
+        )
+        _check(self.dim_head % 2 == 0 or self.pos_emb != "rope", "model.head_dim", self.dim_head, "must be even")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
+        _check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be positive")
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared token shards live (the output of `commonlm data prepare`)."""
+
+    path: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation, checkpointing and logging of one run."""
+
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device supports it
+    seq_len: int = 0  # 0: model.max_seq_len
+    micro_batch_size: int = 16  # sequences per forward pass, per process
+    tokens_per_step: int = 0  # 0: one micro-batch per process; else gradient accumulation reaches it
+    max_steps: int = 1000
+    max_time: float = 0.0  # seconds; 0: no limit. Training stops (and saves) when reached.
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: off
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = 200  # 0: only at the end
+    eval_tokens: int = 262144  # validation tokens per evaluation; 0: the whole split
+    patience: int = 0  # stop after this many evaluations without improvement; 0: off
+    ckpt_every: int = 500  # 0: only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
+    threads: int = 0  # CPU threads for torch; 0: all cores
+
+    def validate(self) -> None:
+        positive = ["micro_batch_size", "max_steps", "log_every", "keep_last", "max_nonfinite"]
+        for name in positive:
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be at least 1")
+        non_negative = ["seq_len", "tokens_per_step", "warmup_steps", "eval_every", "eval_tokens", "patience",
+                        "ckpt_every", "grad_clip", "weight_decay", "max_time", "threads"]
+        for name in non_negative:
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _check(self.lr > 0, "train.lr", self.lr, "must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction, "must be in (0, 1]")
+        _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
+        _check(self.eps > 0, "train.eps", self.eps, "must be positive")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        self.model.validate()
+        self.train.validate()
+        seq = self.train.seq_len or self.model.max_seq_len
+        limit = self.model.max_seq_len
+        _check(seq <= limit, "train.seq_len", seq, f"must be <= model.max_seq_len={limit}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from commonlm.utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise UserError(f"config: {key}={value!r} {why}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building configs from dicts, YAML files, presets and dotted overrides
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a field's type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise UserError(f"config: {key}={value!r} is not one of: {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            if arm is type(None) and value is None:
+                return None
+        arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, arms[0], key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config: {key}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"config: {key}={value!r} must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config: {key}={value!r} must be a number")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config: {key}={value!r} must be a string")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config: {prefix or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise UserError(f"config: unknown key '{full}' (known: {', '.join(known)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data or {}, "")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (`tiny`) or a YAML path (`configs/tiny.yaml`, `my.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and preset.is_file() and not path.exists():
+        return preset
+    raise UserError(
+        f"config: no file or preset named '{name_or_path}' (presets: {', '.join(list_presets())})"
+    )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from e
+    except OSError as e:
+        raise UserError(f"config: cannot read {path} ({e.strerror})") from e
+    return data or {}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003); values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 3e-4 as a string (it wants 3.0e-4): accept the plain float spelling too.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset or YAML file, then `--set` overrides, then validation."""
+    data = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data).validate()

@@ -1,0 +1,187 @@
+"""Tokenizers as `tokenizer.json`: byte-level BPE trained with HF `tokenizers`, or pure bytes.
+
+Both kinds are one `tokenizers.Tokenizer` underneath, so both save as `tokenizer.json`, load in
+`transformers.AutoTokenizer`, and encode identically after a round trip. The byte tokenizer maps byte
+b to id b (0..255) and puts the special tokens after; BPE puts the special tokens first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from commonlm.errors import UserError
+from commonlm.utils import atomic_write_json, atomic_write_text
+
+EOT = "<|endoftext|>"  # ends every document in the token stream
+PAD = "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # chat turns (ChatML)
+SPECIAL_TOKENS = [EOT, PAD, IM_START, IM_END] + [f"<|reserved_{i}|>" for i in range(4)]
+
+# ChatML, as Qwen uses it: each turn is <|im_start|>role\ncontent<|im_end|>\n.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what ByteLevel pre-tokenization emits)."""
+    return {b: ch for b, ch in zip(range(256), _byte_alphabet_in_byte_order())}
+
+
+def _byte_alphabet_in_byte_order() -> list[str]:
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+class Tokenizer:
+    """A thin wrapper that knows our special tokens and how to save a model-directory tokenizer."""
+
+    def __init__(self, tk: HFTokenizer):
+        self.tk = tk
+        missing = [t for t in (EOT, PAD) if tk.token_to_id(t) is None]
+        if missing:
+            raise UserError(f"tokenizer: missing special token(s) {missing}; train one with `commonlm tokenizer train`")
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+        smallest = 256 + len(SPECIAL_TOKENS)
+        if vocab_size < smallest:
+            raise UserError(f"tokenizer: --vocab-size {vocab_size} is too small; use at least {smallest}")
+        tk = HFTokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk)
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens(SPECIAL_TOKENS)
+        return cls(tk)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """From a directory holding `tokenizer.json`, or the file itself."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"tokenizer: no tokenizer.json at {path} (train one with `commonlm tokenizer train`)")
+        try:
+            return cls(HFTokenizer.from_file(str(file)))
+        except Exception as e:  # the Rust side raises plain Exceptions
+            raise UserError(f"tokenizer: {file} is not a valid tokenizer.json ({e})") from e
+
+    # -- use ----------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def kind(self) -> str:
+        return "byte" if self.tk.get_vocab_size() <= 256 + len(SPECIAL_TOKENS) and self.token_id(EOT) == 256 else "bpe"
+
+    def token_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    @property
+    def eot_id(self) -> int:
+        return self.tk.token_to_id(EOT)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tk.token_to_id(PAD)
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Text to ids. With allow_special=False a literal '<|endoftext|>' in the text is plain text."""
+        self.tk.encode_special_tokens = not allow_special
+        try:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tk.encode_special_tokens = False
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        """Many texts at once, in parallel on all cores (the Rust side). Raw corpus text by default."""
+        self.tk.encode_special_tokens = not allow_special
+        try:
+            return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.tk.encode_special_tokens = False
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def to_json(self) -> str:
+        return self.tk.to_str()
+
+    @property
+    def hash(self) -> str:
+        """Identifies the vocabulary; data shards record it so a mismatched tokenizer is caught."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
+        """Write `tokenizer.json` and a `tokenizer_config.json` that `AutoTokenizer` understands."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / "tokenizer.json", self.to_json())
+        added = {
+            str(self.token_id(t)): {
+                "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False, "special": True,
+            }
+            for t in SPECIAL_TOKENS
+            if self.token_id(t) is not None
+        }
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "added_tokens_decoder": added,
+            "bos_token": None,
+            "eos_token": EOT,
+            "pad_token": PAD,
+            "unk_token": None,
+            "additional_special_tokens": [IM_START, IM_END],
+            "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "add_prefix_space": False,
+            "model_max_length": model_max_length or 1_000_000_000,
+        }
+        atomic_write_json(directory / "tokenizer_config.json", config)
+        special_map = {"eos_token": EOT, "pad_token": PAD, "additional_special_tokens": [IM_START, IM_END]}
+        atomic_write_json(directory / "special_tokens_map.json", special_map)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render ChatML without needing Jinja (the same string the template in tokenizer_config gives)."""
+        out = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+        return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def describe(tok: Tokenizer) -> str:
+    return json.dumps({"kind": tok.kind, "vocab_size": tok.vocab_size, "hash": tok.hash})

@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+Anything a user can cause (a missing file, a bad setting, a corrupt checkpoint) raises `UserError`
+with a message that says what is wrong and how to fix it. The CLI prints it on one line and exits
+non-zero; any other exception is a bug in CommonLM and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
