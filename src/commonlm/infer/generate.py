@@ -1,0 +1,124 @@
+"""Sampling with a KV cache: the single-request path (the CLI, the Python API, evaluation samples).
+
+`sample_next` is the per-step sampler (temperature, top-k, top-p) shared with the batched engine;
+`stream_ids` yields token ids one at a time; `stream_text` turns them into text pieces that are
+safe to print (no half UTF-8 characters) and stops at stop strings without printing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from commonlm.data.tokenizer import Tokenizer
+from commonlm.model.decoder import Decoder
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, V] -> next ids [B]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def stream_ids(
+    model: Decoder,
+    prompt_ids: list[int],
+    max_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: tuple[int, ...] = (),
+) -> Iterator[int]:
+    """Yield up to `max_tokens` new ids (fewer at a stop id or when the context is full)."""
+    model.eval()
+    device = model.embed.weight.device
+    limit = model.config.max_seq_len
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    prompt_ids = prompt_ids[-(limit - 1) :]  # keep the most recent context if the prompt is too long
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = model.new_cache(batch_size=1, max_len=min(limit, len(prompt_ids) + max_tokens))
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        logits, _ = model(idx, cache=cache, last_only=True)
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+        token = int(nxt.item())
+        yield token
+        if token in stop_ids or cache.pos >= cache.max_len:
+            return
+        idx = nxt.view(1, 1)
+
+
+def generate_ids(model: Decoder, prompt_ids: list[int], **kwargs) -> list[int]:
+    return list(stream_ids(model, prompt_ids, **kwargs))
+
+
+def stream_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """Yield printable text pieces of the continuation of `prompt`, stopping before any stop string."""
+    stop_ids = tuple(i for i in (tokenizer.eot_id, tokenizer.token_id("<|im_end|>")) if i is not None)
+    ids: list[int] = []
+    emitted = 0  # characters of the decoded continuation already yielded
+    longest_stop = max((len(s) for s in params.stop), default=0)
+    token_stream = stream_ids(
+        model, tokenizer.encode(prompt), max_tokens=params.max_tokens, temperature=params.temperature,
+        top_k=params.top_k, top_p=params.top_p, seed=params.seed, stop_ids=stop_ids,
+    )
+    for token in token_stream:
+        if token in stop_ids:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character is not complete yet
+        hits = [text.find(s, max(0, emitted - len(s))) for s in params.stop]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            cut = min(hits)
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - max(0, longest_stop - 1)  # hold back what could start a stop string
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text = tokenizer.decode(ids)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def generate_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams | None = None) -> str:
+    return "".join(stream_text(model, tokenizer, prompt, params or SamplingParams()))

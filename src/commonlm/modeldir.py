@@ -1,0 +1,103 @@
+"""The model directory: the one artifact every stage reads and writes.
+
+    config.json              transformers config of the matching class (GPT2/Llama/Qwen3), or "commonlm" native
+    model.safetensors        weights under that class's names (fp32 master weights)
+    tokenizer.json           + tokenizer_config.json (chat template) + special_tokens_map.json
+    generation_config.json   eos/pad ids and default sampling settings
+    commonlm.yaml            our full RunConfig (model, data, train) + which weight naming is used
+
+Checkpoints are model directories with training state added (see train/checkpoint.py), so every
+verb that takes a model directory also takes a checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from commonlm.config import RunConfig, config_from_dict
+from commonlm.data.tokenizer import IM_END, Tokenizer
+from commonlm.errors import UserError
+from commonlm.interop import hf
+from commonlm.model.decoder import Decoder
+from commonlm.utils import atomic_dir, atomic_write_json, atomic_write_text
+
+MODEL_FILES = ("config.json", "model.safetensors", "commonlm.yaml")
+
+
+def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig) -> None:
+    """Write the model-directory files into an existing (usually temporary) directory."""
+    directory = Path(directory)
+    c = model.config
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in _unwrap(model).state_dict().items()}
+    tensors = hf.to_hf(c, state)
+    weights = "native" if hf.hf_incompatibility(c) else c.family
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "commonlm_weights": weights})
+    atomic_write_json(directory / "config.json", hf.hf_config(c, tokenizer.eot_id, tokenizer.pad_id))
+    eos = [tokenizer.eot_id] + ([tokenizer.token_id(IM_END)] if tokenizer.token_id(IM_END) is not None else [])
+    atomic_write_json(
+        directory / "generation_config.json",
+        {"eos_token_id": eos, "pad_token_id": tokenizer.pad_id, "do_sample": True, "temperature": 0.8,
+         "top_k": 50, "top_p": 0.95, "max_length": c.max_seq_len},
+    )
+    tokenizer.save(directory, model_max_length=c.max_seq_len)
+    doc = {"weights": weights, **config.to_dict()}
+    atomic_write_text(directory / "commonlm.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
+def save_model_dir(path: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig) -> Path:
+    """Write a complete model directory atomically (replacing an older one at `path`)."""
+    with atomic_dir(path, overwrite=True) as tmp:
+        write_model_files(tmp, model, tokenizer, config)
+    return Path(path)
+
+
+def read_run_config(directory: str | Path) -> tuple[RunConfig, str]:
+    """(RunConfig, weight naming) from a model directory's commonlm.yaml."""
+    file = Path(directory) / "commonlm.yaml"
+    try:
+        doc: dict[str, Any] = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise UserError(f"{directory}: no commonlm.yaml ({e.strerror}); is this a CommonLM model directory?") from e
+    except yaml.YAMLError as e:
+        raise UserError(f"{file}: not valid YAML; the model directory is damaged") from e
+    weights = doc.pop("weights", "native")
+    return config_from_dict(doc), weights
+
+
+def load_model_dir(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Decoder, Tokenizer, RunConfig]:
+    """Rebuild the model, tokenizer and config saved in a model directory (or checkpoint)."""
+    directory = Path(directory)
+    missing = [f for f in MODEL_FILES if not (directory / f).is_file()]
+    if missing:
+        raise UserError(f"{directory}: not a model directory (missing {', '.join(missing)})")
+    config, _ = read_run_config(directory)
+    tokenizer = Tokenizer.load(directory)
+    model = Decoder(config.model)
+    try:
+        tensors = load_file(str(directory / "model.safetensors"))
+    except Exception as e:  # safetensors raises its own error types, which vary by version
+        raise UserError(f"{directory}/model.safetensors is corrupt ({e}); use an earlier checkpoint") from e
+    try:
+        state = hf.from_hf(config.model, tensors)
+        model.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{directory}: weights do not match commonlm.yaml ({str(e).splitlines()[0][:200]})") from e
+    return model.to(device), tokenizer, config
+
+
+def _unwrap(model: torch.nn.Module) -> Decoder:
+    """The plain Decoder inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
