@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	@mkdir -p $(VENV) && touch $@
 
 demo: setup
-	$(PY) -m commonlm quickstart
+	$(PY) -m commonlm quickstart --overwrite
 
 test: setup
 	$(PY) -m pytest -n 2 -q

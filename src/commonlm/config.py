@@ -236,12 +236,13 @@ def list_presets() -> list[str]:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """A preset name (`tiny`) or a YAML path (`configs/tiny.yaml`, `my.yaml`)."""
+    """A preset name (`tiny`, `qwen3-0.6b`) or a YAML path (`configs/tiny.yaml`, `my.yaml`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = PRESET_DIR / f"{path.stem}.yaml"
-    if path.suffix in ("", ".yaml", ".yml") and preset.is_file() and not path.exists():
+    name = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+    preset = PRESET_DIR / f"{name}.yaml"
+    if preset.is_file():
         return preset
     raise UserError(
         f"config: no file or preset named '{name_or_path}' (presets: {', '.join(list_presets())})"

@@ -1,0 +1,5 @@
+import sys
+
+from commonlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""The Python API: what the CLI does, for notebooks and scripts.
+
+    from commonlm import load, train, load_config
+    m = load("runs/x")                     # a run directory, its final/ model, or any checkpoint
+    print(m.generate("def ", max_tokens=50))
+    result = train(load_config("tiny", ["train.max_steps=100"]), data="data/", out="runs/y")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from commonlm.config import RunConfig
+from commonlm.data.tokenizer import Tokenizer
+from commonlm.errors import UserError
+from commonlm.infer.generate import SamplingParams, stream_text
+from commonlm.model.decoder import Decoder
+from commonlm.modeldir import MODEL_FILES, load_model_dir
+from commonlm.runtime import pick_device
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model directory itself, a run's `final/`, or else the run's newest checkpoint."""
+    path = Path(path)
+    if all((path / f).is_file() for f in MODEL_FILES):
+        return path
+    if (path / "final").is_dir():
+        return path / "final"
+    from commonlm.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if not path.exists():
+        raise UserError(f"{path}: no such directory (give a run directory or a model directory)")
+    raise UserError(f"{path}: no model here (no final/ model, no checkpoint); train one with `commonlm train`")
+
+
+class LanguageModel:
+    """A loaded model with its tokenizer and config, ready to sample or evaluate."""
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, config: RunConfig, path: Path):
+        self.model, self.tokenizer, self.config, self.path = model.eval(), tokenizer, config, path
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Text pieces as they are generated (see SamplingParams for the keyword arguments)."""
+        return stream_text(self.model, self.tokenizer, prompt, SamplingParams(**sampling))
+
+    def generate(self, prompt: str, **sampling) -> str:
+        return "".join(self.stream(prompt, **sampling))
+
+    def evaluate(self, data: str | Path, split: str = "val", max_tokens: int = 0, batch_size: int = 16):
+        from commonlm.data.loader import TokenData
+        from commonlm.evaluate.evaluate import evaluate
+
+        tokens = TokenData(data)
+        tokens.check_tokenizer(self.tokenizer)
+        device = self.model.embed.weight.device
+        return evaluate(self.model, tokens, self.model.config.max_seq_len, batch_size, max_tokens,
+                        split=split, device=device)
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return f"LanguageModel({self.path}, {c.family}, {self.model.num_params():,} params)"
+
+
+def load(path: str | Path, device: str = "auto") -> LanguageModel:
+    where = resolve_model_path(path)
+    model, tokenizer, config = load_model_dir(where, device=pick_device(device))
+    return LanguageModel(model, tokenizer, config, where)
+
+
+def train(config: RunConfig, data: str | Path, out: str | Path, resume: bool = False, **kwargs):
+    """Train `config` on prepared `data` into the run directory `out` (see train/trainer.py)."""
+    from commonlm.train.trainer import train as _train
+
+    config.data.path = str(data)
+    return _train(config.validate(), out, resume=resume, **kwargs)
+
+
+__all__ = ["LanguageModel", "load", "train", "resolve_model_path"]

@@ -1,0 +1,211 @@
+"""`commonlm`: the command line, a thin layer over the Python API.
+
+Every verb turns a `UserError` into one red line on stderr and exit status 2; `--debug` shows the
+traceback instead. Heavy modules are imported inside the verbs so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from commonlm import __version__
+from commonlm.errors import UserError
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from commonlm.data.sources import iter_texts
+    from commonlm.data.tokenizer import Tokenizer
+    from commonlm.utils import console
+
+    if args.kind == "byte":
+        tok = Tokenizer.byte_level()
+    else:
+        texts = iter_texts(args.input, include=args.include, text_field=args.text_field)
+        tok = Tokenizer.train_bpe(texts, vocab_size=args.vocab_size)
+    tok.save(args.out)
+    console.print(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens, saved to {args.out}/tokenizer.json")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from commonlm.data.prepare import prepare
+
+    prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, include=args.include,
+            text_field=args.text_field, workers=args.workers, overwrite=args.overwrite)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from commonlm.config import apply_overrides, config_from_dict, load_config
+    from commonlm.train.trainer import resume_config, train
+
+    if args.resume:
+        if args.config:
+            raise UserError("--resume takes the config saved in the run; drop --config (use --set to change values)")
+        out = Path(args.resume)
+        config = resume_config(out)
+        config = config_from_dict(apply_overrides(config.to_dict(), args.set or []))
+        if args.data:
+            config.data.path = args.data
+        config.validate()
+        train(config, out, resume=True, stop_at_step=args.stop_at_step)
+        return
+    if not args.out:
+        raise UserError("train: --out RUN_DIR is required (where checkpoints and the final model go)")
+    if not args.config and not args.init:
+        raise UserError("train: --config PRESET_OR_YAML is required (see `commonlm presets`)")
+    config = load_config(args.config, args.set or []) if args.config else load_config(None, args.set or [])
+    if args.data:
+        config.data.path = args.data
+    train(config, args.out, init=args.init, stop_at_step=args.stop_at_step)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from commonlm.api import load
+
+    m = load(args.model, device=args.device)
+    result = m.evaluate(args.data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    print(f"{m.path}  {args.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.3f} · "
+          f"bits/byte {result.bits_per_byte:.4f} · {result.tokens:,} tokens")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from commonlm.api import load
+
+    m = load(args.model, device=args.device)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, stop=args.stop or [])
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}", flush=True)
+        if args.seed is not None:
+            sampling["seed"] = args.seed + i
+        sys.stdout.write(args.prompt)
+        for piece in m.stream(args.prompt, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from commonlm.quickstart import quickstart
+
+    quickstart(out=args.out, train_seconds=args.seconds, overwrite=args.overwrite)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from commonlm.config import PRESET_DIR, list_presets, load_config
+    from commonlm.utils import human
+
+    for name in list_presets():
+        c = load_config(name).model
+        vocab = c.vocab_size or (50257 if c.family == "gpt2" else 32000)
+        params = _estimate_params(c, vocab)
+        print(f"{name:12s} {c.family:6s} {human(params):>8s} params at vocab {vocab:<6d} {c.n_layer:2d} layers  "
+              f"d_model {c.d_model:5d}  heads {c.n_head}/{c.kv_heads}  context {c.max_seq_len:5d}  "
+              f"{PRESET_DIR / name}.yaml")
+
+
+def _estimate_params(c, vocab: int) -> int:
+    attn = c.d_model * (c.n_head + 2 * c.kv_heads) * c.dim_head + c.n_head * c.dim_head * c.d_model
+    mlp = (3 if c.mlp == "swiglu" else 2) * c.d_model * c.ff_dim
+    embed = vocab * c.d_model * (1 if c.tie_embeddings else 2)
+    pos = c.max_seq_len * c.d_model if c.pos_emb == "learned" else 0
+    return c.n_layer * (attn + mlp) + embed + pos
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="commonlm", description="Build your own language model: raw text to a model.")
+    p.add_argument("--version", action="version", version=f"commonlm {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def inputs(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                       help="files, directories, .jsonl, .parquet, or 'stdlib' (this Python's standard library)")
+        q.add_argument("--include", nargs="+", metavar="GLOB", help="file-name globs to take from directories")
+        q.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    t = tok.add_parser("train", help="train a byte-level BPE tokenizer (or make a byte tokenizer)")
+    t.add_argument("--kind", choices=["bpe", "byte"], default="bpe")
+    inputs(t)
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="action", required=True)
+    d = data.add_parser("prepare", help="tokenize text into token shards")
+    inputs(d)
+    d.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
+    d.add_argument("--out", required=True)
+    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    d.set_defaults(func=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="pretrain (or continue) a model")
+    tr.add_argument("--config", help="preset name (see `commonlm presets`) or YAML file")
+    tr.add_argument("--data", help="prepared data directory")
+    tr.add_argument("--out", help="run directory")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=3e-4")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    tr.add_argument("--init", metavar="MODEL_DIR", help="start from the weights of a model directory")
+    tr.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte")
+    ev.add_argument("model", help="run directory, model directory or checkpoint")
+    ev.add_argument("--data", required=True, help="prepared data directory")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--max-tokens", type=int, default=0, help="evaluate only this many tokens (0: all)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample text from a model")
+    g.add_argument("model", help="run directory, model directory or checkpoint")
+    g.add_argument("--prompt", default="\n")
+    g.add_argument("--max-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quickstart", help="train a small model on this Python's standard library (a few minutes)")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--seconds", type=float, default=240.0, help="training time budget")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run")
+    q.set_defaults(func=cmd_quickstart)
+
+    pr = sub.add_parser("presets", help="list the configuration presets")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        from commonlm.utils import console
+
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

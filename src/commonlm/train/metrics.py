@@ -1,0 +1,138 @@
+"""What a run reports: console lines or a progress bar, metrics.jsonl, TensorBoard, and loss.png."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from commonlm.utils import atomic_write_bytes, console
+
+
+class Metrics:
+    """Main-process-only sink for training and evaluation metrics."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        self.progress = None
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency, but a hand-made environment may lack it
+            console.print("[yellow]tensorboard is not installed: no event files (pip install tensorboard)[/]")
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"), console=console, transient=False,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.progress.start()
+
+    def log(self, record: dict[str, Any], line: str | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, step)
+        if line:
+            if self.progress is not None:
+                self.progress.update(self.task, completed=record["step"], info=line)
+            else:
+                console.print(line)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            console.print(text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return out
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """Write loss.png (train and validation loss against steps) from metrics.jsonl."""
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", linewidth=1.5, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    out = Path(run_dir) / "loss.png"
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Matmul FLOP/s this device reaches in `dtype` right now: the denominator of MFU."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 3 if device.type == "cpu" else 20
+    best = float("inf")
+    for _ in range(2):
+        torch.mm(a, b)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
