@@ -46,6 +46,7 @@ class TrainResult:
     stopped_because: str  # "max_steps" | "max_time" | "patience" | "signal" | "stop_at_step"
     last_loss: float
     val: dict[str, float] | None
+    model: Decoder  # this process's trained model (every rank's is identical under DDP)
 
 
 class _StopSignal:
@@ -308,7 +309,7 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
         plot_losses(out)
         where = f"model in {final_dir}" if final_dir else f"resume with: commonlm train --resume {out}"
         console.print(f"[bold green]stopped[/] at step {state['step']} ({stopped}); {where}")
-    return TrainResult(out, final_dir, state["step"], stopped, last_loss, val)
+    return TrainResult(out, final_dir, state["step"], stopped, last_loss, val, raw_model)
 
 
 def _print_summary(model, config, device, dtype, world, accum, tokens_per_step, data, peak, latest) -> None:

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small prepared corpus built from synthetic text (no network, no shared data)."""
+
+import random
+
+import pytest
+
+from commonlm.data.prepare import prepare
+from commonlm.data.tokenizer import Tokenizer
+
+WORDS = ("the model reads text and learns to predict the next token . def class return import "
+         "for while if else print ( ) : = + - 0 1 2 3 data loss step").split()
+
+
+def synthetic_corpus(directory, n_docs: int = 60, seed: int = 0):
+    """Small text files with some structure (so a model can learn something)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(5, 15)):
+            lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))))
+        (directory / f"doc_{i:03d}.txt").write_text(f"# document {i}\n" + "\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory):
+    """A prepared data directory (byte tokenizer, ~30k tokens, 10% validation documents)."""
+    root = tmp_path_factory.mktemp("bytedata")
+    corpus = synthetic_corpus(root / "corpus")
+    Tokenizer.byte_level().save(root / "tok")
+    prepare([str(corpus)], root / "tok", root / "data", val_fraction=0.1, workers=1, progress=False)
+    return root / "data"
