@@ -15,11 +15,12 @@ from commonlm.config import load_config
 from commonlm.errors import UserError
 from commonlm.utils import console
 
-PROMPTS = ["def ", "class ", "import "]
+PROMPTS = ["def", "class", "import"]
 
 
 def quickstart(out: str | Path = "runs/quickstart", train_seconds: float = 240.0, overwrite: bool = False,
-               vocab_size: int = 4096) -> dict:
+               vocab_size: int = 4096, max_steps: int | None = None) -> dict:
+    """Run the four steps; `max_steps` (instead of the time budget) makes a run reproducible."""
     from commonlm.api import load
     from commonlm.data.prepare import prepare
     from commonlm.data.sources import iter_texts
@@ -42,8 +43,9 @@ def quickstart(out: str | Path = "runs/quickstart", train_seconds: float = 240.0
     console.rule("[bold]2/4 data[/]: tokenize into shards (2% of files held out for validation)")
     prepare(["stdlib"], out / "tokenizer", out / "data", val_fraction=0.02)
 
-    console.rule(f"[bold]3/4 train[/]: quickstart preset for {train_seconds:.0f}s")
-    config = load_config("quickstart", [f"train.max_time={train_seconds}", f"train.eval_every={10**9}"])
+    budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.max_time={train_seconds}"]
+    console.rule(f"[bold]3/4 train[/]: quickstart preset for {budget[0].split('.')[1]}")
+    config = load_config("quickstart", budget + [f"train.eval_every={10**9}"])
     config.data.path = str(out / "data")
     result = train(config, out / "run")
     evals = [r for r in read_metrics(out / "run") if "val_loss" in r]
