@@ -67,6 +67,9 @@ class ModelConfig:
         _check(self.d_model >= 1, "model.d_model", self.d_model, "must be at least 1")
         _check(self.max_seq_len >= 2, "model.max_seq_len", self.max_seq_len, "must be at least 2")
         _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0 (0 = from tokenizer)")
+        _check(self.head_dim >= 0, "model.head_dim", self.head_dim, "must be >= 0 (0 = d_model // n_head)")
+        _check(self.d_ff >= 0, "model.d_ff", self.d_ff, "must be >= 0 (0 = from model.mlp)")
+        _check(self.init_std > 0, "model.init_std", self.init_std, "must be positive")
         _check(
             self.head_dim > 0 or self.d_model % self.n_head == 0,
             "model.d_model",

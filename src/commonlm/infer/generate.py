@@ -104,10 +104,8 @@ def stream_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: Sampl
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
             continue  # a multi-byte character is not complete yet
-        hits = [text.find(s, max(0, emitted - len(s))) for s in params.stop]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            cut = min(hits)
+        cut = _first_stop(text, params.stop, emitted)
+        if cut is not None:
             if cut > emitted:
                 yield text[emitted:cut]
             return
@@ -116,8 +114,16 @@ def stream_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: Sampl
             yield text[emitted:safe]
             emitted = safe
     text = tokenizer.decode(ids)
-    if len(text) > emitted:
-        yield text[emitted:]
+    end = _first_stop(text, params.stop, emitted)
+    end = len(text) if end is None else end
+    if end > emitted:
+        yield text[emitted:end]
+
+
+def _first_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Where the earliest stop string starts in `text` (searching from just before `emitted`), or None."""
+    hits = [h for h in (text.find(s, max(0, emitted - len(s))) for s in stops) if h >= 0]
+    return min(hits) if hits else None
 
 
 def generate_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams | None = None) -> str:

@@ -74,6 +74,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+# CPU + bf16 + short contexts: plain matmul-mask-softmax-matmul attention. Here SDPA's bf16 CPU kernel is
+# slow (its backward at T=64 takes 2.5x the fp32 time) and the naive path beats it up to T~256. fp32 and
+# CUDA always take SDPA, so fp32 numerics (and the Hugging Face parity tests) are untouched.
+MATH_ATTENTION_MAX_T = 256
+
+
+def _cpu_bf16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
+def causal_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + causal mask) v for q [B, H, T, D] and k, v [B, H, S, D], S >= T."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -116,10 +134,11 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             repeat = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if causal and mask is None and 1 < T <= MATH_ATTENTION_MAX_T and dropout == 0.0 and _cpu_bf16(q):
+            y = causal_math_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
