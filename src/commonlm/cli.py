@@ -93,6 +93,14 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     quickstart(out=args.out, train_seconds=args.seconds, overwrite=args.overwrite)
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from commonlm.interop.importer import import_hf
+    from commonlm.utils import console
+
+    out = import_hf(args.source, args.out)
+    console.print(f"imported {args.source} → {out} (continue pretraining with: commonlm train --init {out} ...)")
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from commonlm.config import PRESET_DIR, list_presets, load_config
     from commonlm.utils import human
@@ -181,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seconds", type=float, default=240.0, help="training time budget")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run")
     q.set_defaults(func=cmd_quickstart)
+
+    im = sub.add_parser("import", help="import a local Hugging Face model directory (GPT-2, Llama, Mistral, Qwen2/3)")
+    im.add_argument("source", help="directory with config.json, tokenizer.json and safetensors weights")
+    im.add_argument("--out", required=True, help="new CommonLM model directory")
+    im.set_defaults(func=cmd_import)
 
     pr = sub.add_parser("presets", help="list the configuration presets")
     pr.set_defaults(func=cmd_presets)

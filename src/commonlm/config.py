@@ -25,7 +25,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class ModelConfig:
     """Shape and switches of the one decoder. `family` picks the Hugging Face class it exports as."""
 
-    family: Literal["gpt2", "llama", "qwen3"] = "llama"
+    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3"] = "llama"
     vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to a multiple of 64
     n_layer: int = 4
     n_head: int = 4
@@ -40,7 +40,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
     qk_norm: bool = False
-    bias: bool = False
+    bias: bool = False  # biases on every linear layer and LayerNorm
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
     tie_embeddings: bool = True
     init_std: float = 0.02
     dropout: float = 0.0

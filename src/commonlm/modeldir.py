@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from commonlm.config import RunConfig, config_from_dict
-from commonlm.data.tokenizer import IM_END, Tokenizer
+from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.interop import hf
 from commonlm.model.decoder import Decoder
@@ -37,8 +37,9 @@ def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenize
     tensors = hf.to_hf(c, state)
     weights = "native" if hf.hf_incompatibility(c) else c.family
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "commonlm_weights": weights})
-    atomic_write_json(directory / "config.json", hf.hf_config(c, tokenizer.eot_id, tokenizer.pad_id))
-    eos = [tokenizer.eot_id] + ([tokenizer.token_id(IM_END)] if tokenizer.token_id(IM_END) is not None else [])
+    eos_id = tokenizer.token_id(tokenizer.eos_token)
+    atomic_write_json(directory / "config.json", hf.hf_config(c, eos_id, tokenizer.pad_id))
+    eos = list(tokenizer.stop_ids)
     atomic_write_json(
         directory / "generation_config.json",
         {"eos_token_id": eos, "pad_token_id": tokenizer.pad_id, "do_sample": True, "temperature": 0.8,

@@ -51,13 +51,20 @@ def _byte_alphabet_in_byte_order() -> list[str]:
 
 
 class Tokenizer:
-    """A thin wrapper that knows our special tokens and how to save a model-directory tokenizer."""
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template a model directory records.
 
-    def __init__(self, tk: HFTokenizer):
+    Our own tokenizers use <|endoftext|> (end of document), <|pad|> and ChatML. An imported one brings
+    its own, read from its `tokenizer_config.json`.
+    """
+
+    def __init__(self, tk: HFTokenizer, eos_token: str = EOT, pad_token: str | None = PAD,
+                 bos_token: str | None = None, chat_template: str | None = CHAT_TEMPLATE):
         self.tk = tk
-        missing = [t for t in (EOT, PAD) if tk.token_to_id(t) is None]
-        if missing:
-            raise UserError(f"tokenizer: missing special token(s) {missing}; train one with `commonlm tokenizer train`")
+        if tk.token_to_id(eos_token) is None:
+            raise UserError(f"tokenizer: end-of-text token {eos_token!r} is not in the vocabulary; "
+                            "train one with `commonlm tokenizer train`")
+        self.eos_token, self.bos_token, self.chat_template = eos_token, bos_token, chat_template
+        self.pad_token = pad_token if pad_token and tk.token_to_id(pad_token) is not None else None
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -90,15 +97,27 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """From a directory holding `tokenizer.json`, or the file itself."""
+        """From a directory holding `tokenizer.json` (and maybe `tokenizer_config.json`), or the file itself."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise UserError(f"tokenizer: no tokenizer.json at {path} (train one with `commonlm tokenizer train`)")
         try:
-            return cls(HFTokenizer.from_file(str(file)))
+            tk = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises plain Exceptions
             raise UserError(f"tokenizer: {file} is not a valid tokenizer.json ({e})") from e
+        config_file = file.parent / "tokenizer_config.json"
+        if not config_file.is_file():
+            return cls(tk)
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"tokenizer: {config_file} is not valid JSON ({e})") from e
+        eos = _content(config.get("eos_token")) or EOT
+        if eos != EOT and tk.token_to_id(EOT) is not None and tk.token_to_id(eos) is None:
+            eos = EOT
+        return cls(tk, eos_token=eos, pad_token=_content(config.get("pad_token")),
+                   bos_token=_content(config.get("bos_token")), chat_template=config.get("chat_template"))
 
     # -- use ----------------------------------------------------------------------------------------
     @property
@@ -114,11 +133,19 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
-        return self.tk.token_to_id(EOT)
+        """Ends every document in the token stream: <|endoftext|> where the vocabulary has it, else eos."""
+        eot = self.tk.token_to_id(EOT)
+        return eot if eot is not None else self.tk.token_to_id(self.eos_token)
 
     @property
     def pad_id(self) -> int:
-        return self.tk.token_to_id(PAD)
+        return self.tk.token_to_id(self.pad_token) if self.pad_token else self.eot_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generated answer: eos, end of document, end of a chat turn."""
+        ids = [self.tk.token_to_id(t) for t in (self.eos_token, EOT, IM_END)]
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Text to ids. With allow_special=False a literal '<|endoftext|>' in the text is plain text."""
@@ -153,34 +180,49 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / "tokenizer.json", self.to_json())
         added = {
-            str(self.token_id(t)): {
-                "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": True,
-            }
-            for t in SPECIAL_TOKENS
-            if self.token_id(t) is not None
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(self.tk.get_added_tokens_decoder().items())
         }
+        chat = [t for t in (IM_START, IM_END) if self.token_id(t) is not None]
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "added_tokens_decoder": added,
-            "bos_token": None,
-            "eos_token": EOT,
-            "pad_token": PAD,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
             "unk_token": None,
-            "additional_special_tokens": [IM_START, IM_END],
-            "chat_template": CHAT_TEMPLATE,
+            "additional_special_tokens": chat,
+            "chat_template": self.chat_template,
             "clean_up_tokenization_spaces": False,
             "add_prefix_space": False,
             "model_max_length": model_max_length or 1_000_000_000,
         }
         atomic_write_json(directory / "tokenizer_config.json", config)
-        special_map = {"eos_token": EOT, "pad_token": PAD, "additional_special_tokens": [IM_START, IM_END]}
-        atomic_write_json(directory / "special_tokens_map.json", special_map)
+        special_map = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                       "additional_special_tokens": chat}
+        atomic_write_json(directory / "special_tokens_map.json", {k: v for k, v in special_map.items() if v})
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render ChatML without needing Jinja (the same string the template in tokenizer_config gives)."""
-        out = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-        return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+        """Render the chat template (Jinja, in a sandbox: templates come with downloaded models)."""
+        if not self.chat_template:
+            raise UserError("tokenizer: this tokenizer has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise UserError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token,
+        )
+
+
+def _content(token: str | dict | None) -> str | None:
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def describe(tok: Tokenizer) -> str:

@@ -89,7 +89,7 @@ def generate_ids(model: Decoder, prompt_ids: list[int], **kwargs) -> list[int]:
 
 def stream_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
     """Yield printable text pieces of the continuation of `prompt`, stopping before any stop string."""
-    stop_ids = tuple(i for i in (tokenizer.eot_id, tokenizer.token_id("<|im_end|>")) if i is not None)
+    stop_ids = tokenizer.stop_ids
     ids: list[int] = []
     emitted = 0  # characters of the decoded continuation already yielded
     longest_stop = max((len(s) for s in params.stop), default=0)

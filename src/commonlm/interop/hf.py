@@ -1,11 +1,13 @@
 """Our decoder <-> Hugging Face transformers: `config.json` and weight names.
 
 A model directory stores weights under the names of the matching transformers class, so
-`AutoModelForCausalLM.from_pretrained(dir)` loads it unchanged. Three families:
+`AutoModelForCausalLM.from_pretrained(dir)` loads it unchanged. The families:
 
-- gpt2:  GPT2LMHeadModel  (learned positions, LayerNorm, GELU, biases, Conv1D = transposed weights)
-- llama: LlamaForCausalLM (RoPE, RMSNorm, SwiGLU, GQA)
-- qwen3: Qwen3ForCausalLM (as llama, plus RMS QK-norm per head)
+- gpt2:    GPT2LMHeadModel    (learned positions, LayerNorm, GELU, biases, Conv1D = transposed weights)
+- llama:   LlamaForCausalLM   (RoPE, RMSNorm, SwiGLU, GQA; optional biases everywhere)
+- mistral: MistralForCausalLM (as llama, no biases)
+- qwen2:   Qwen2ForCausalLM   (as llama, biases on q/k/v only)
+- qwen3:   Qwen3ForCausalLM   (as llama, no biases, RMS QK-norm per head)
 
 A configuration that no class represents exactly is saved with our own names ("native") and a
 config.json that says so; `hf_incompatibility` explains why.
@@ -19,7 +21,8 @@ import torch
 
 from commonlm.config import ModelConfig
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # our block-relative module name -> GPT-2's
 GPT2_BLOCK_NAMES = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
                     "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
@@ -34,10 +37,14 @@ def hf_incompatibility(c: ModelConfig) -> str | None:
             return f"gpt2 needs model.mlp gelu or gelu_tanh, not {c.mlp}"
         if c.kv_heads != c.n_head or c.dim_head * c.n_head != c.d_model:
             return "gpt2 needs plain multi-head attention with head_dim = d_model / n_head"
-    elif c.family == "llama":
-        want = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False}
     else:
-        want = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": False}
+        rotary = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+        want = {
+            "llama": {**rotary, "qk_norm": False, "qkv_bias": False},
+            "mistral": {**rotary, "qk_norm": False, "qkv_bias": False, "bias": False},
+            "qwen2": {**rotary, "qk_norm": False, "qkv_bias": True, "bias": False},
+            "qwen3": {**rotary, "qk_norm": True, "qkv_bias": False, "bias": False},
+        }[c.family]
     for key, value in want.items():
         if getattr(c, key) != value:
             return f"{c.family} needs model.{key}={value}, this model has {getattr(c, key)}"
@@ -70,6 +77,8 @@ def hf_config(c: ModelConfig, eos_id: int | None, pad_id: int | None) -> dict[st
     }
     if c.family == "llama":
         out["mlp_bias"] = c.bias
+    elif c.family == "mistral":
+        out["sliding_window"] = None
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layer)
     return out
@@ -99,11 +108,12 @@ def to_hf(c: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         hf = f"model.layers.{i}."
         out[hf + "input_layernorm.weight"] = state[ours + "norm1.weight"]
         out[hf + "post_attention_layernorm.weight"] = state[ours + "norm2.weight"]
-        for suffix in ("weight", "bias") if c.bias else ("weight",):
+        for suffix in ("weight", "bias") if c.bias or c.qkv_bias else ("weight",):
             q, k, v = state[ours + f"attn.qkv.{suffix}"].split(_parts(c), dim=0)
             out[hf + f"self_attn.q_proj.{suffix}"] = q
             out[hf + f"self_attn.k_proj.{suffix}"] = k
             out[hf + f"self_attn.v_proj.{suffix}"] = v
+        for suffix in ("weight", "bias") if c.bias else ("weight",):
             out[hf + f"self_attn.o_proj.{suffix}"] = state[ours + f"attn.proj.{suffix}"]
             gate, up = state[ours + f"mlp.gate_up.{suffix}"].chunk(2, dim=0)
             out[hf + f"mlp.gate_proj.{suffix}"] = gate
@@ -143,9 +153,10 @@ def from_hf(c: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             pre = f"model.layers.{i}."
             out[ours + "norm1.weight"] = hf[pre + "input_layernorm.weight"]
             out[ours + "norm2.weight"] = hf[pre + "post_attention_layernorm.weight"]
-            for suffix in ("weight", "bias") if c.bias else ("weight",):
+            for suffix in ("weight", "bias") if c.bias or c.qkv_bias else ("weight",):
                 qkv = [hf[pre + f"self_attn.{p}_proj.{suffix}"] for p in "qkv"]
                 out[ours + f"attn.qkv.{suffix}"] = torch.cat(qkv, dim=0)
+            for suffix in ("weight", "bias") if c.bias else ("weight",):
                 out[ours + f"attn.proj.{suffix}"] = hf[pre + f"self_attn.o_proj.{suffix}"]
                 gate_up = [hf[pre + f"mlp.{p}_proj.{suffix}"] for p in ("gate", "up")]
                 out[ours + f"mlp.gate_up.{suffix}"] = torch.cat(gate_up, dim=0)

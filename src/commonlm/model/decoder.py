@@ -86,10 +86,12 @@ def _cpu_bf16(x: torch.Tensor) -> bool:
 
 def causal_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + causal mask) v for q [B, H, T, D] and k, v [B, H, S, D], S >= T."""
-    T, S = q.shape[-2], k.shape[-2]
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)
-    return scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+    B, H, T, D = q.shape
+    S = k.shape[-2]
+    # an additive mask fused into the q k^T matmul (baddbmm): no masked_fill forward or backward
+    mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)
+    scores = torch.baddbmm(mask, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=D**-0.5)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, S, D)).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -97,7 +99,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.dim_head
-        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None

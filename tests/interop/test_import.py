@@ -1,0 +1,82 @@
+"""Hugging Face model directories made locally (random weights, no hub) import exactly, and go back out."""
+
+import json
+
+import pytest
+import torch
+
+from commonlm.data.tokenizer import Tokenizer
+from commonlm.errors import UserError
+from commonlm.interop.importer import import_hf
+from commonlm.modeldir import load_model_dir
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+REFERENCES = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL, rope_theta=50000.0, tie_word_embeddings=False),
+    "llama-bias-tied": lambda: transformers.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True,
+                                                        tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=264, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+}
+
+
+def make_reference(kind, directory, shard=False):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(REFERENCES[kind]()).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so every tensor's mapping matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(directory, max_shard_size="60KB" if shard else "5GB")
+    Tokenizer.byte_level().save(directory)
+    return model
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCES))
+def test_import_is_exact_and_exports_back(kind, tmp_path):
+    ref = make_reference(kind, tmp_path / "hf", shard=kind == "llama")
+    if kind == "llama":
+        assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours, _, _ = load_model_dir(tmp_path / "ours")
+    ours.eval()
+    idx = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(idx).logits
+        assert (ours(idx)[0] - expected).abs().max().item() < 1e-4
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert type(back) is type(ref)
+        assert (back(idx).logits - expected).abs().max().item() < 1e-4
+
+
+def test_refuses_rope_scaling_it_does_not_implement(tmp_path):
+    make_reference("llama", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="rope_scaling.rope_type='llama3'"):
+        import_hf(tmp_path / "hf", tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+def test_refuses_pickle_checkpoints_without_unpickling(tmp_path):
+    make_reference("qwen3", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(UserError, match="never unpickles"):
+        import_hf(tmp_path / "hf", tmp_path / "ours")
+
+
+def test_shape_mismatch_and_unknown_architecture(tmp_path):
+    make_reference("qwen2", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(UserError, match="do not match config.json"):
+        import_hf(tmp_path / "hf", tmp_path / "a")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    with pytest.raises(UserError, match="model_type='mamba'"):
+        import_hf(tmp_path / "hf", tmp_path / "b")
