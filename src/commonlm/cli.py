@@ -101,6 +101,22 @@ def cmd_import(args: argparse.Namespace) -> None:
     console.print(f"imported {args.source} → {out} (continue pretraining with: commonlm train --init {out} ...)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from commonlm.api import load
+    from commonlm.utils import console
+
+    m = load(args.model, device="cpu")
+    if args.format == "onnx":
+        from commonlm.interop.onnx_export import export_onnx
+
+        out = export_onnx(m.model, args.out)
+    else:
+        from commonlm.interop.gguf_export import export_gguf
+
+        out = export_gguf(m.model, m.tokenizer, args.out, quant=args.quant, name=Path(args.model).name)
+    console.print(f"exported {m.path} → {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from commonlm.config import PRESET_DIR, list_presets, load_config
     from commonlm.utils import human
@@ -194,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("source", help="directory with config.json, tokenizer.json and safetensors weights")
     im.add_argument("--out", required=True, help="new CommonLM model directory")
     im.set_defaults(func=cmd_import)
+
+    ex = sub.add_parser("export", help="export a model to ONNX or GGUF (llama.cpp)")
+    ex.add_argument("model", help="run directory, model directory or checkpoint")
+    ex.add_argument("--format", choices=["onnx", "gguf"], required=True)
+    ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--quant", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type")
+    ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list the configuration presets")
     pr.set_defaults(func=cmd_presets)

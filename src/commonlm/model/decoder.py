@@ -138,10 +138,10 @@ class Attention(nn.Module):
             repeat = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if causal and mask is None and 1 < T <= MATH_ATTENTION_MAX_T and dropout == 0.0 and _cpu_bf16(q):
+        if _cpu_bf16(q) and causal and mask is None and 1 < T <= MATH_ATTENTION_MAX_T and dropout == 0.0:
             y = causal_math_attention(q, k, v)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1, dropout_p=dropout)
+        else:  # (a causal mask over one query is a no-op, so is_causal needs no test of T: exportable)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
