@@ -10,7 +10,7 @@ def test_train_load_generate_evaluate(byte_data, tmp_path):
     config = commonlm.load_config("tiny", ["model.n_layer=2", "model.d_model=64", "model.max_seq_len=32",
                                            "train.max_steps=6", "train.micro_batch_size=4", "train.eval_every=0",
                                            "train.threads=1"])
-    result = commonlm.train(config, data=byte_data, out=tmp_path / "run")
+    result = commonlm.pretrain(config, data=byte_data, out=tmp_path / "run")
     assert result.step == 6 and result.final_dir == tmp_path / "run" / "final"
 
     m = commonlm.load(tmp_path / "run")

@@ -1,13 +1,14 @@
 """CommonLM: build your own language model end to end.
 
 The top-level names load lazily so that `commonlm --help` and data workers do not import torch.
+(The training function is `pretrain`: `commonlm.train` is the subpackage.)
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "load": "commonlm.api",
-    "train": "commonlm.api",
+    "pretrain": "commonlm.api",
     "LanguageModel": "commonlm.api",
     "load_config": "commonlm.config",
     "RunConfig": "commonlm.config",

@@ -1,9 +1,9 @@
 """The Python API: what the CLI does, for notebooks and scripts.
 
-    from commonlm import load, train, load_config
+    from commonlm import load, load_config, pretrain
     m = load("runs/x")                     # a run directory, its final/ model, or any checkpoint
     print(m.generate("def ", max_tokens=50))
-    result = train(load_config("tiny", ["train.max_steps=100"]), data="data/", out="runs/y")
+    result = pretrain(load_config("tiny", ["train.max_steps=100"]), data="data/", out="runs/y")
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.infer.generate import SamplingParams, stream_text
 from commonlm.model.decoder import Decoder
-from commonlm.modeldir import MODEL_FILES, load_model_dir
+from commonlm.modeldir import MODEL_FILES, has_weights, load_model_dir
 from commonlm.runtime import pick_device
 
 
 def resolve_model_path(path: str | Path) -> Path:
     """A model directory itself, a run's `final/`, or else the run's newest checkpoint."""
     path = Path(path)
-    if all((path / f).is_file() for f in MODEL_FILES):
+    if all((path / f).is_file() for f in MODEL_FILES) and has_weights(path):
         return path
     if (path / "final").is_dir():
         return path / "final"
@@ -71,7 +71,7 @@ def load(path: str | Path, device: str = "auto") -> LanguageModel:
     return LanguageModel(model, tokenizer, config, where)
 
 
-def train(config: RunConfig, data: str | Path, out: str | Path, resume: bool = False, **kwargs):
+def pretrain(config: RunConfig, data: str | Path, out: str | Path, resume: bool = False, **kwargs):
     """Train `config` on prepared `data` into the run directory `out` (see train/trainer.py)."""
     from commonlm.train.trainer import train as _train
 
@@ -79,4 +79,4 @@ def train(config: RunConfig, data: str | Path, out: str | Path, resume: bool = F
     return _train(config.validate(), out, resume=resume, **kwargs)
 
 
-__all__ = ["LanguageModel", "load", "train", "resolve_model_path"]
+__all__ = ["LanguageModel", "load", "pretrain", "resolve_model_path"]

@@ -12,6 +12,7 @@ verb that takes a model directory also takes a checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,69 @@ from commonlm.interop import hf
 from commonlm.model.decoder import Decoder
 from commonlm.utils import atomic_dir, atomic_write_json, atomic_write_text
 
-MODEL_FILES = ("config.json", "model.safetensors", "commonlm.yaml")
+MODEL_FILES = ("config.json", "commonlm.yaml")  # plus model.safetensors or its sharded index
+SHARD_BYTES = 5 * 1024**3  # above this, weights are split into model-0000i-of-0000n.safetensors (as HF does)
+
+
+def has_weights(directory: Path) -> bool:
+    return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  shard_bytes: int | None = None) -> None:
+    """model.safetensors, or shards plus model.safetensors.index.json when larger than `shard_bytes`."""
+    shard_bytes = shard_bytes or SHARD_BYTES
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= shard_bytes:
+        save_file(tensors, str(directory / "model.safetensors"), metadata=metadata)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    atomic_write_json(directory / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map})
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint, single-file or sharded. Pickles are never read."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{index} is damaged ({e})") from e
+        files = [directory / name for name in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{directory}: shard(s) {', '.join(missing)} named in {index.name} are missing")
+    else:
+        pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        if pickles:
+            raise UserError(
+                f"{directory}: only pickle weights ({', '.join(pickles[:3])}); CommonLM never unpickles. "
+                "Convert them to safetensors in an environment you trust, then try again"
+            )
+        raise UserError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types, which vary by version
+            raise UserError(f"{f} is corrupt ({e}); use an earlier checkpoint") from e
+    return tensors
 
 
 def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig) -> None:
@@ -36,7 +99,7 @@ def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenize
     state = {k: v.detach().to("cpu", torch.float32) for k, v in _unwrap(model).state_dict().items()}
     tensors = hf.to_hf(c, state)
     weights = "native" if hf.hf_incompatibility(c) else c.family
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "commonlm_weights": weights})
+    write_weights(directory, tensors, {"format": "pt", "commonlm_weights": weights})
     eos_id = tokenizer.token_id(tokenizer.eos_token)
     atomic_write_json(directory / "config.json", hf.hf_config(c, eos_id, tokenizer.pad_id))
     eos = list(tokenizer.stop_ids)
@@ -76,15 +139,13 @@ def load_model_dir(
     """Rebuild the model, tokenizer and config saved in a model directory (or checkpoint)."""
     directory = Path(directory)
     missing = [f for f in MODEL_FILES if not (directory / f).is_file()]
+    missing += [] if has_weights(directory) else ["model.safetensors"]
     if missing:
         raise UserError(f"{directory}: not a model directory (missing {', '.join(missing)})")
     config, _ = read_run_config(directory)
     tokenizer = Tokenizer.load(directory)
     model = Decoder(config.model)
-    try:
-        tensors = load_file(str(directory / "model.safetensors"))
-    except Exception as e:  # safetensors raises its own error types, which vary by version
-        raise UserError(f"{directory}/model.safetensors is corrupt ({e}); use an earlier checkpoint") from e
+    tensors = read_weights(directory)
     try:
         state = hf.from_hf(config.model, tensors)
         model.load_state_dict(state, strict=True)

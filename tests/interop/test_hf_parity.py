@@ -77,3 +77,21 @@ def test_configuration_without_hf_class_is_saved_natively(tmp_path):
     again, _, _ = load_model_dir(tmp_path / "m")
     idx = torch.randint(0, 264, (1, 8))
     assert torch.equal(again(idx)[0], model(idx)[0])
+
+
+def test_large_models_are_saved_in_shards_that_both_sides_load(tmp_path, monkeypatch):
+    import commonlm.modeldir as modeldir
+
+    monkeypatch.setattr(modeldir, "SHARD_BYTES", 40_000)  # force several shards for a tiny model
+    config = FAMILIES["llama-gqa"]
+    model = Decoder(config).eval()
+    save_model_dir(tmp_path / "m", model, Tokenizer.byte_level(), RunConfig(model=config))
+    shards = sorted(p.name for p in (tmp_path / "m").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "m" / "model.safetensors").exists()
+    idx = torch.randint(0, config.vocab_size, (1, 9))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    again, _, _ = load_model_dir(tmp_path / "m")
+    with torch.no_grad():
+        ours = model(idx)[0]
+        assert torch.equal(again(idx)[0], ours)
+        assert (theirs(idx).logits - ours).abs().max().item() < 1e-4

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from commonlm.config import ModelConfig, RunConfig
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.interop.hf import from_hf, hf_incompatibility
 from commonlm.model.decoder import Decoder
-from commonlm.modeldir import save_model_dir
+from commonlm.modeldir import read_weights, save_model_dir
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
@@ -85,34 +84,6 @@ def model_config_from_hf(cfg: dict[str, Any], src: Path = Path(".")) -> ModelCon
     )
 
 
-def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint, single-file or sharded."""
-    single, index = src / "model.safetensors", src / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [src / name for name in shards]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"import {src}: shard(s) {', '.join(missing)} named in {index.name} are missing")
-    else:
-        pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
-        if pickles:
-            raise UserError(
-                f"import {src}: only pickle weights ({', '.join(pickles[:3])}); CommonLM never unpickles. "
-                "Convert them to safetensors in an environment you trust, then import again"
-            )
-        raise UserError(f"import {src}: no model.safetensors or model.safetensors.index.json")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except Exception as e:  # safetensors' error types vary by version
-            raise UserError(f"import {src}: {f.name} is not a readable safetensors file ({e})") from e
-    return tensors
-
-
 def import_hf(src: str | Path, out: str | Path) -> Path:
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
@@ -124,7 +95,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     model_config.validate()
     assert hf_incompatibility(model_config) is None, hf_incompatibility(model_config)
     tokenizer = Tokenizer.load(src)
-    tensors = {k: v.float() for k, v in read_hf_weights(src).items()}
+    tensors = {k: v.float() for k, v in read_weights(src).items()}
     tensors = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     model = Decoder(model_config)
     try:
