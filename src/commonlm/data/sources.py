@@ -34,7 +34,8 @@ TEXT_SUFFIXES = {
 }  # fmt: skip
 TEXT_NAMES = {"Makefile", "Dockerfile", "README", "LICENSE", "CHANGELOG", "NOTICE"}
 SKIP_DIRS = {"__pycache__", "node_modules", "site-packages"}
-STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test"}
+# tests, and `encodings/`: 4 MB of generated codec tables that would drown the code in the quickstart corpus
+STDLIB_SKIP_DIRS = SKIP_DIRS | {"test", "tests", "idle_test", "encodings"}
 BINARY_SNIFF = 8192  # a NUL byte in this many leading bytes marks a file as binary
 
 

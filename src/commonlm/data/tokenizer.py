@@ -159,7 +159,8 @@ class Tokenizer:
         """Many texts at once, in parallel on all cores (the Rust side). Raw corpus text by default."""
         self.tk.encode_special_tokens = not allow_special
         try:
-            return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+            # the _fast variant skips computing character offsets (same ids, ~1.6x faster)
+            return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
         finally:
             self.tk.encode_special_tokens = False
 
