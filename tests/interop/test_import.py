@@ -80,3 +80,27 @@ def test_shape_mismatch_and_unknown_architecture(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     with pytest.raises(UserError, match="model_type='mamba'"):
         import_hf(tmp_path / "hf", tmp_path / "b")
+
+
+def test_continue_pretraining_an_imported_model(tmp_path):
+    from commonlm.config import load_config
+    from commonlm.data.loader import TokenData
+    from commonlm.data.prepare import prepare
+    from commonlm.evaluate.evaluate import evaluate
+    from commonlm.train.metrics import read_metrics
+    from commonlm.train.trainer import train
+    from tests.conftest import synthetic_corpus
+
+    make_reference("qwen3", tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    corpus = synthetic_corpus(tmp_path / "corpus", n_docs=30)
+    prepare([str(corpus)], tmp_path / "ours", tmp_path / "data", val_fraction=0.2, workers=1, progress=False)
+    config = load_config(None, ["train.max_steps=4", "train.micro_batch_size=2", "train.seq_len=32",
+                                "train.dtype=fp32", "train.eval_every=2", "train.threads=1"])
+    config.data.path = str(tmp_path / "data")
+    result = train(config, tmp_path / "run", init=tmp_path / "ours")
+    first_eval = next(r for r in read_metrics(tmp_path / "run") if "val_loss" in r)
+    imported, _, _ = load_model_dir(tmp_path / "ours")
+    direct = evaluate(imported, TokenData(tmp_path / "data"), 32, max_tokens=config.train.eval_tokens)
+    assert first_eval["step"] == 0 and first_eval["val_loss"] == pytest.approx(direct.loss, abs=1e-5)
+    assert result.model.config.family == "qwen3" and result.final_dir is not None
