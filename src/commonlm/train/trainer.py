@@ -317,7 +317,8 @@ def _print_summary(model, config, device, dtype, world, accum, tokens_per_step, 
     lines = [
         f"model    {c.family}-style · {human(model.num_params())} params "
         f"({human(model.num_params(exclude_embeddings=True))} without embeddings) · "
-        f"{c.n_layer} layers · d_model {c.d_model} · {c.n_head} heads ({c.kv_heads} kv) · vocab {c.vocab_size}",
+        f"{c.n_layer} layers · d_model {c.d_model} · {c.n_head} heads ({c.kv_heads} kv) · vocab {c.vocab_size} · "
+        f"{human(model.flops_per_token(seq_len_of(config)))}FLOP/token (train)",
         f"data     {data.path} · train {human(data.tokens('train'))} tokens"
         + (f" · val {human(data.tokens('val'))} tokens" if data.has_split("val") else " · no val split"),
         f"step     {human(tokens_per_step)} tokens = {t.micro_batch_size} seqs × {seq_len_of(config)} tokens × "
