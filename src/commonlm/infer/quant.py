@@ -1,0 +1,121 @@
+"""Weight-only quantization for inference: int8 per output channel, int4 in groups along the input.
+
+Decoding one token at a time reads every weight once per step, so its speed is set by bytes of
+weights: int8 halves bf16's bytes and int4 quarters them. Activations stay in float. The matmuls use
+PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), as gpt-fast does.
+Off CPU, int8 layers dequantize on the fly (correct, not fast) and int4 is refused; layers whose shape the
+int4 kernel cannot take stay in float.
+
+    quantize_model(model, "int8")            # in place; returns the model
+    quantize_model(model, "int4", group_size=32)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+MODES = ("int8", "int4")
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b with q int8 [out, in] and one fp scale per output row."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))  # in the activation dtype: no conversion per call
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale.to(x2.dtype))
+        else:  # dequantize on the fly (correct everywhere; a fused GPU kernel is future work)
+            y = x2 @ (self.weight.to(x2.dtype) * self.scale.to(x2.dtype)[:, None]).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int32 in 0..15 [out, in], scales_zeros [in/group, out, 2]); w ~ (q - 8) * s + z."""
+    out_f, in_f = w.shape
+    groups = w.float().reshape(out_f, in_f // group_size, group_size)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+    scales_zeros = torch.stack([scale[..., 0], (lo + 8 * scale)[..., 0]], dim=-1).transpose(0, 1).contiguous()
+    return q, scales_zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_f, in_f = q.shape
+    sz = scales_zeros.transpose(0, 1)  # [out, in/group, 2]
+    g = q.float().reshape(out_f, -1, group_size) - 8
+    return (g * sz[..., :1] + sz[..., 1:]).reshape(out_f, in_f)
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric 4-bit weights in groups of `group_size` inputs, packed for PyTorch's CPU int4 kernel."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if linear.weight.device.type != "cpu":
+            raise ValueError("int4 weights are packed for the CPU kernel; quantize on CPU (or use int8 on GPU)")
+        q, scales_zeros = quantize_int4(linear.weight.detach(), group_size)
+        self.group_size, self.in_features, self.out_features = group_size, linear.in_features, linear.out_features
+        self.register_buffer("scales_zeros", scales_zeros.to(dtype))
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros.to(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every eligible nn.Linear (all of them in our decoder, the head included) in place.
+
+    `dtype` is the activation dtype the model will run in (scales and biases are kept in it).
+    A tied head is quantized as its own copy; the embedding table stays in float.
+    """
+    if mode not in MODES:
+        raise ValueError(f"quantization mode {mode!r}: choose one of {', '.join(MODES)}")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if mode == "int8":
+                setattr(parent, name, Int8Linear(child, dtype))
+            elif child.in_features % group_size == 0 and child.out_features % 8 == 0:
+                setattr(parent, name, Int4Linear(child, group_size, dtype))
+    model.quantized = mode
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matmul weight (a tied head counted), norms, biases.
+
+    Embedding tables are left out: a step reads one row of them.
+    """
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith(("embed.", "pos_embed.", "rotary.")):
+            continue
+        total += t.numel() * t.element_size()
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and head.weight is getattr(getattr(model, "embed", None), "weight", None):
+        total += head.weight.numel() * head.weight.element_size()  # tied: listed under embed.weight
+    return total
