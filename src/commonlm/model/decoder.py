@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from commonlm.config import ModelConfig
-from commonlm.model.kv_cache import KVCache
+from commonlm.model.kv_cache import KVCache, SlotKVCache
 
 
 class RMSNorm(nn.Module):
@@ -65,12 +65,16 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for explicit positions [B, T] (each sequence of a batch at its own offset)."""
+        return self.cos[positions], self.sin[positions]
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [T, D]."""
+    """x: [B, T, H, D]; cos/sin: [T, D] (shared positions) or [B, T, D] (per-sequence positions)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     return x * cos + rotated * sin
 
 
@@ -127,13 +131,9 @@ class Attention(nn.Module):
 
         mask, causal = None, True
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(self.layer, k, v)
-            if start > 0:  # queries at positions start..start+T-1 see keys 0..their own position
-                causal = False
-                if T > 1:
-                    q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-                    mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos
+            # the cache returns all keys so far and, when earlier keys exist, which ones each query sees
+            k, v, mask = cache.update(self.layer, k, v)
+            causal = mask is None and k.shape[2] == T  # (one new query over earlier keys: no mask at all)
         if self.n_kv_head != self.n_head:
             repeat = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -234,17 +234,21 @@ class Decoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), mean cross-entropy or None).
 
-        With a `cache`, idx holds the tokens at positions cache.pos.. and the cache is advanced.
+        With a `cache` (model/kv_cache.py), idx holds each sequence's next tokens, at the positions the
+        cache says, and the cache is advanced.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        positions = cache.positions(T) if cache is not None else None  # [B, T] or None (0..T-1)
+        end = T if positions is None else int(positions.max()) + 1
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_embed(torch.arange(T, device=idx.device) if positions is None else positions)
         x = self.drop(x)
-        rope = self.rotary(start, T) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(0, T) if positions is None else self.rotary.at(positions)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)
@@ -277,10 +281,14 @@ class Decoder(nn.Module):
         attention = 12 * c.n_layer * c.n_head * c.dim_head * seq_len
         return 6 * matmul + attention
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None, slots: bool = False
+    ) -> KVCache | SlotKVCache:
+        """A KV cache for this model: shared positions, or `slots=True` for one position per sequence."""
         c = self.config
         weight = self.embed.weight
-        return KVCache(
+        kind = SlotKVCache if slots else KVCache
+        return kind(
             n_layer=c.n_layer, batch_size=batch_size, n_kv_head=c.kv_heads, head_dim=c.dim_head,
             max_len=max_len or c.max_seq_len, device=weight.device, dtype=dtype or weight.dtype,
         )

@@ -1,8 +1,12 @@
-"""A preallocated key/value cache for incremental decoding.
+"""Preallocated key/value caches for incremental decoding.
 
-One tensor pair for all layers, [n_layer, B, n_kv_head, max_len, head_dim], filled left to right.
-All sequences in the batch share one position counter, which is what single-request generation and
-equal-length batches need; the batched serving engine builds on the same layout.
+Both hold one tensor pair for all layers, [n_layer, rows, n_kv_head, max_len, head_dim], and answer
+the decoder's three questions: at which positions do the new tokens sit (`positions`), store these
+keys/values and give back everything each query may see (`update`), and move on (`advance`).
+
+- `KVCache`: every row at the same position (single requests, equal-length batches).
+- `SlotKVCache`: one slot per request, each at its own length; a forward pass runs on any subset of
+  slots (`select`). This is what continuous batching needs: requests join and leave between steps.
 """
 
 from __future__ import annotations
@@ -27,18 +31,88 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, D] at the current position; return all keys and values so far."""
+    def positions(self, T: int) -> torch.Tensor:
+        B = self.k.shape[1]
+        return torch.arange(self.pos, self.pos + T, device=self.k.device).expand(B, T)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store k, v [B, H, T, D] at the current position; return all keys, values and the visibility mask.
+
+        The mask is None when a plain causal mask (or, for one query, none) is right.
+        """
         T = k.shape[2]
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        mask = None
+        if self.pos > 0 and T > 1:  # queries at pos..end-1 each see keys 0..their own position
+            q_pos = torch.arange(self.pos, end, device=k.device)[:, None]
+            mask = torch.arange(end, device=k.device)[None, :] <= q_pos
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
 
     def advance(self, n: int) -> None:
         self.pos += n
 
     def reset(self) -> None:
         self.pos = 0
+
+
+class SlotKVCache:
+    """One cache slot per sequence, each with its own length. Call `select(slots)` before a forward pass:
+    row b of the batch is slot slots[b]."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)
+        self._contiguous = True  # rows are slots 0..B-1 in order: views instead of gathers
+
+    def select(self, slots: list[int]) -> None:
+        self.rows = torch.tensor(slots, dtype=torch.long, device=self.k.device)
+        self._contiguous = slots == list(range(len(slots)))
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.lengths[self.rows][:, None] + torch.arange(T, device=self.k.device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        B, _, T, _ = k.shape
+        starts = self.lengths[self.rows]
+        pos = starts[:, None] + torch.arange(T, device=k.device)  # [B, T]
+        end = int(pos.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
+        rows = self.rows[:, None].expand(B, T)
+        # advanced indices on dims 1 and 3 around a slice: the indexed view is [B, T, H, D]
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        if self._contiguous:
+            keys, values = self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
+        else:
+            keys, values = self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]
+        # query t of row b (at position pos[b, t]) sees the keys at positions 0..pos[b, t] of its own slot
+        mask = torch.arange(end, device=k.device)[None, None, :] <= pos[:, :, None]  # [B, T, S]
+        return keys, values, mask[:, None]
+
+    def advance(self, n: int) -> None:
+        self.lengths[self.rows] += n
