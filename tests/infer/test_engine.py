@@ -91,12 +91,17 @@ def test_stop_ids_max_len_and_errors(model):
 def test_cancel_frees_the_slot(model):
     engine = Engine(model, max_batch=1).start()
     try:
-        started = threading.Event()
-        endless = Request(prompts(1)[0], max_tokens=10_000, temperature=0)
-        first = engine.submit(endless, on_token=lambda t: started.set())
+        started, resume = threading.Event(), threading.Event()
+
+        def hold(token):  # runs in the engine thread: pause it after the first token until we have cancelled
+            started.set()
+            resume.wait(10)
+
+        first = engine.submit(Request(prompts(1)[0], max_tokens=10_000, temperature=0), on_token=hold)
         assert started.wait(30)
         second = engine.submit(Request(prompts(1)[0], max_tokens=3, temperature=0))
         first.cancel()
+        resume.set()
         assert first.wait(30) and first.finish_reason == "cancelled"
         assert second.wait(30) and second.finish_reason == "length"
     finally:
