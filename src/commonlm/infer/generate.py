@@ -87,12 +87,48 @@ def generate_ids(model: Decoder, prompt_ids: list[int], **kwargs) -> list[int]:
     return list(stream_ids(model, prompt_ids, **kwargs))
 
 
+class TextStream:
+    """Token ids in, printable text out. Holds back a half-decoded UTF-8 character and any tail that
+    could be the start of a stop string; once a stop string appears, `stopped` is set and the text
+    ends right before it. Shared by `stream_text` and the server."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
+        self.tokenizer, self.stop = tokenizer, [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded continuation already handed out
+        self.stopped = False
+        self._hold = max((len(s) for s in self.stop), default=0) - 1
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character is not complete yet
+        return self._take(text, final=False)
+
+    def finish(self) -> str:
+        """The held-back rest, once no more tokens will come."""
+        return "" if self.stopped else self._take(self.tokenizer.decode(self.ids), final=True)
+
+    def _take(self, text: str, final: bool) -> str:
+        hits = [h for h in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if h >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+        else:
+            end = len(text) if final else len(text) - max(0, self._hold)
+        if end <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted : end], end
+        return piece
+
+
 def stream_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
     """Yield printable text pieces of the continuation of `prompt`, stopping before any stop string."""
     stop_ids = tokenizer.stop_ids
-    ids: list[int] = []
-    emitted = 0  # characters of the decoded continuation already yielded
-    longest_stop = max((len(s) for s in params.stop), default=0)
+    text = TextStream(tokenizer, params.stop)
     token_stream = stream_ids(
         model, tokenizer.encode(prompt), max_tokens=params.max_tokens, temperature=params.temperature,
         top_k=params.top_k, top_p=params.top_p, seed=params.seed, stop_ids=stop_ids,
@@ -100,30 +136,14 @@ def stream_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: Sampl
     for token in token_stream:
         if token in stop_ids:
             break
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue  # a multi-byte character is not complete yet
-        cut = _first_stop(text, params.stop, emitted)
-        if cut is not None:
-            if cut > emitted:
-                yield text[emitted:cut]
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        safe = len(text) - max(0, longest_stop - 1)  # hold back what could start a stop string
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = tokenizer.decode(ids)
-    end = _first_stop(text, params.stop, emitted)
-    end = len(text) if end is None else end
-    if end > emitted:
-        yield text[emitted:end]
-
-
-def _first_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Where the earliest stop string starts in `text` (searching from just before `emitted`), or None."""
-    hits = [h for h in (text.find(s, max(0, emitted - len(s))) for s in stops) if h >= 0]
-    return min(hits) if hits else None
+    piece = text.finish()
+    if piece:
+        yield piece
 
 
 def generate_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams | None = None) -> str:
