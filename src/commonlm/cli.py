@@ -117,6 +117,91 @@ def cmd_export(args: argparse.Namespace) -> None:
     console.print(f"exported {m.path} → {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
+def _inference_model(args: argparse.Namespace):
+    """Load a model for serving or chatting, in the dtype and quantization asked for."""
+    import torch
+
+    from commonlm.api import load
+    from commonlm.runtime import pick_dtype
+
+    lm = load(args.model, device=args.device)
+    dtype = pick_dtype(args.dtype, lm.model.embed.weight.device)
+    lm.model.to(dtype)
+    if args.quantize:
+        from commonlm.infer.quant import quantize_model
+
+        if lm.model.embed.weight.device.type != "cpu" and args.quantize == "int4":
+            raise UserError("--quantize int4 runs on CPU only for now; use int8 on GPU")
+        quantize_model(lm.model, args.quantize, dtype=dtype)
+    torch.set_grad_enabled(False)
+    return lm, dtype
+
+
+def _model_name(lm) -> str:
+    return lm.path.parent.name if lm.path.name == "final" else lm.path.name
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from commonlm.serve.app import ServeSettings, create_app
+    from commonlm.utils import console
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]warning: serving on {args.host} without an API key (see --api-key-env)[/]")
+    lm, dtype = _inference_model(args)
+    settings = ServeSettings(
+        model_name=args.name or _model_name(lm), api_key=api_key, max_batch=args.max_batch,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_queue=args.max_queue,
+        timeout_s=args.timeout,
+    )
+    console.print(f"serving {lm.path} as '{settings.model_name}' ({str(dtype).replace('torch.', '')}"
+                  f"{', ' + args.quantize if args.quantize else ''}) on http://{args.host}:{args.port}/")
+    uvicorn.run(create_app(lm, settings), host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from commonlm.infer.generate import SamplingParams, stream_text
+
+    lm, _ = _inference_model(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"chatting with {lm.path}; /reset starts over, /quit leaves", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() == "/quit":
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(history cleared)", flush=True)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed)
+        sys.stdout.write("model> ")
+        answer = []
+        for piece in stream_text(lm.model, lm.tokenizer, prompt, params):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from commonlm.config import PRESET_DIR, list_presets, load_config
     from commonlm.utils import human
@@ -217,6 +302,36 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output file")
     ex.add_argument("--quant", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type")
     ex.set_defaults(func=cmd_export)
+
+    def inference(q: argparse.ArgumentParser) -> None:
+        q.add_argument("model", help="run directory, model directory or checkpoint")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="weights in memory (auto: bf16 where the hardware does it natively)")
+        q.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    inference(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key-env", metavar="VAR", help="require the API key held in this environment variable")
+    sv.add_argument("--name", help="model name in the API (default: the run's name)")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    sv.add_argument("--max-prompt-tokens", type=int, default=0, help="0: the model's context")
+    sv.add_argument("--max-tokens", type=int, default=2048, help="the most tokens a request may ask for")
+    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    sv.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="chat with a model in the terminal")
+    inference(ch)
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-k", type=int, default=50)
+    ch.add_argument("--top-p", type=float, default=0.95)
+    ch.add_argument("--seed", type=int)
+    ch.set_defaults(func=cmd_chat)
 
     pr = sub.add_parser("presets", help="list the configuration presets")
     pr.set_defaults(func=cmd_presets)

@@ -1,0 +1,64 @@
+"""A live server on 127.0.0.1 (a free port) in a background thread, serving a tiny random model."""
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+
+from commonlm.api import LanguageModel
+from commonlm.config import ModelConfig, RunConfig
+from commonlm.data.tokenizer import Tokenizer
+from commonlm.model.decoder import Decoder
+from commonlm.serve.app import ServeSettings, create_app
+
+API_KEY = "test-key-123"
+
+
+def tiny_lm() -> LanguageModel:
+    torch.manual_seed(0)
+    config = ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, vocab_size=320,
+                         max_seq_len=256)
+    model = Decoder(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)  # peaky distributions: different prompts give different greedy text
+    return LanguageModel(model, Tokenizer.byte_level(), RunConfig(model=config), Path("tiny"))
+
+
+class LiveServer:
+    def __init__(self, settings: ServeSettings):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.lm = tiny_lm()
+        self.app = create_app(self.lm, settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    torch.set_num_threads(1)
+    settings = ServeSettings(model_name="tiny", api_key=API_KEY, max_batch=8, max_tokens=200, max_body_bytes=20_000,
+                             timeout_s=60)
+    with LiveServer(settings) as live:
+        yield live
