@@ -147,7 +147,10 @@ class Engine:
                     self.lock.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug must not stop the engine: fail what was running, keep serving
+                self._fail_running(e)
 
     # -- one step -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -163,6 +166,14 @@ class Engine:
                     and s.generated]
         if decoding:
             self._decode(decoding)
+        self._retire()
+
+    def _fail_running(self, error: Exception) -> None:
+        import traceback
+
+        traceback.print_exception(error)
+        for seq in self.running:
+            seq.finish_reason = seq.finish_reason or "error"
         self._retire()
 
     def _admit(self) -> None:

@@ -36,7 +36,8 @@ def sample_next(
     """logits [B, V] -> next ids [B]."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # extreme settings (a tiny temperature or repetition penalty) can overflow: keep the order, drop the infs
+    logits = torch.nan_to_num(logits.float() / temperature, nan=-3e38, posinf=3e38, neginf=-3e38)
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -44,6 +45,7 @@ def sample_next(
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        drop[..., 0] = False  # and always the most likely token (rounding must not empty the set)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

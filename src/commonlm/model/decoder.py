@@ -73,9 +73,11 @@ class Rotary(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; cos/sin: [T, D] (shared positions) or [B, T, D] (per-sequence positions)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2], exactly: the sign moves to the small table
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    return x * cos + rotated * sin
+    return x * cos + swapped * sin
 
 
 # CPU + bf16 + short contexts: plain matmul-mask-softmax-matmul attention. Here SDPA's bf16 CPU kernel is
@@ -117,16 +119,16 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        if rope is not None and self.q_norm is None:  # q and k lie side by side: rotate them in one go
+            qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
+            q, k = apply_rotary(qk, *rope).split([self.n_head, self.n_kv_head], dim=2)
+        else:
+            q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
         mask, causal = None, True

@@ -134,6 +134,8 @@ class _Generation:
                     raise TimeoutError
                 item = await asyncio.wait_for(self.queue.get(), timeout=remaining)
                 if isinstance(item, tuple):
+                    if item[1] == "error":
+                        raise APIError(500, "the engine failed on this request (see the server log)", "server_error")
                     piece = self.text.finish()
                     if piece:
                         yield piece
@@ -276,6 +278,9 @@ def create_app(lm: LanguageModel, settings: ServeSettings | None = None, engine:
                 status = 504
                 err = {"error": {"message": f"request took longer than {settings.timeout_s:g}s", "type": "timeout"}}
                 yield f"data: {json.dumps(err)}\n\n"
+            except APIError as e:
+                status = e.status
+                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
             finally:
                 record(status)
 

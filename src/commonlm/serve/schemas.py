@@ -19,14 +19,14 @@ class Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # not in OpenAI's API; vLLM-style extension
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # extension, as in vLLM / HF
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)  # extension, as in vLLM / HF
 
     def stops(self) -> list[str]:
         if self.stop is None:
