@@ -28,6 +28,8 @@ bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/cpu_speedrun.py
 	$(PY) bench/data_prepare.py
+	$(PY) bench/decode.py
+	$(PY) bench/serve_throughput.py
 
 lint: setup
 	$(PY) -m ruff check src tests bench
