@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from commonlm.data.prepare import prepare
 from commonlm.data.tokenizer import Tokenizer
@@ -31,3 +32,12 @@ def byte_data(tmp_path_factory):
     Tokenizer.byte_level().save(root / "tok")
     prepare([str(corpus)], root / "tok", root / "data", val_fraction=0.1, workers=1, progress=False)
     return root / "data"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and avoids oversubscribing the cores under `pytest -n`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,13 +10,7 @@ from commonlm.infer.engine import Engine, Request, apply_penalties
 from commonlm.infer.generate import generate_ids
 from commonlm.model.decoder import Decoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

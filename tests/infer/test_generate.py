@@ -10,14 +10,7 @@ from commonlm.data.tokenizer import Tokenizer
 from commonlm.infer.generate import SamplingParams, generate_ids, generate_text, sample_next, stream_text
 from commonlm.model.decoder import Decoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and avoids oversubscribing the cores under `pytest -n`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 320  # the byte tokenizer's 264 ids, padded to a multiple of 64

@@ -9,13 +9,7 @@ from commonlm.config import ModelConfig
 from commonlm.infer.quant import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_model, weight_bytes
 from commonlm.model.decoder import Decoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_int8_layer_matches_its_dequantized_weights():

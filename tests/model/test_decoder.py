@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from commonlm.config import ModelConfig
 from commonlm.model.decoder import Decoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and avoids oversubscribing the cores under `pytest -n`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V = 61  # deliberately not a multiple of 64

@@ -61,24 +61,13 @@ class KVCache:
         self.pos = 0
 
 
-class SlotKVCache:
+class SlotKVCache(KVCache):
     """One cache slot per sequence, each with its own length. Call `select(slots)` before a forward pass:
     row b of the batch is slot slots[b]."""
 
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        head_dim: int,
-        max_len: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(n_layer, batch_size, n_kv_head, head_dim, max_len, device, dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = torch.arange(batch_size, device=device)
         self._contiguous = True  # rows are slots 0..B-1 in order: views instead of gathers
@@ -116,3 +105,6 @@ class SlotKVCache:
 
     def advance(self, n: int) -> None:
         self.lengths[self.rows] += n
+
+    def reset(self) -> None:
+        self.lengths.zero_()
