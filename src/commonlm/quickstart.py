@@ -45,7 +45,7 @@ def quickstart(out: str | Path = "runs/quickstart", train_seconds: float = 240.0
 
     budget = [f"train.max_steps={max_steps}"] if max_steps else [f"train.max_time={train_seconds}"]
     console.rule(f"[bold]3/4 train[/]: quickstart preset for {budget[0].split('.')[1]}")
-    config = load_config("quickstart", budget + [f"train.eval_every={10**9}"])
+    config = load_config("quickstart", budget + ["train.eval_every=200"])
     config.data.path = str(out / "data")
     result = train(config, out / "run")
     evals = [r for r in read_metrics(out / "run") if "val_loss" in r]

@@ -271,7 +271,10 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
                           "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
-                metrics.log(record, f"step {step}/{cfg.max_steps} · loss {loss_value:.4f} · lr {lr:.2e} · "
+                where = f"step {step}/{cfg.max_steps}"
+                if cfg.max_time:
+                    where = f"step {step} · {used:.0f}/{cfg.max_time:.0f}s"
+                metrics.log(record, f"{where} · loss {loss_value:.4f} · lr {lr:.2e} · "
                                     f"{human(tok_s)} tok/s · MFU {100 * mfu:.1f}%")
 
             state["elapsed"] = elapsed_before + time.perf_counter() - t_start
@@ -322,7 +325,8 @@ def _print_summary(model, config, device, dtype, world, accum, tokens_per_step, 
         f"data     {data.path} · train {human(data.tokens('train'))} tokens"
         + (f" · val {human(data.tokens('val'))} tokens" if data.has_split("val") else " · no val split"),
         f"step     {human(tokens_per_step)} tokens = {t.micro_batch_size} seqs × {seq_len_of(config)} tokens × "
-        f"{accum} accum × {world.size} procs · {t.max_steps} steps · lr {t.lr:g} ({t.schedule})",
+        f"{accum} accum × {world.size} procs · {t.max_steps} steps"
+        + (f" or {t.max_time:g}s" if t.max_time else "") + f" · lr {t.lr:g} ({t.schedule})",
         f"device   {device} · {str(dtype).replace('torch.', '')} · {world.size} process(es) · "
         f"{torch.get_num_threads() if device.type == 'cpu' else ''}{' threads · ' if device.type == 'cpu' else ''}"
         f"peak {human(peak)}FLOP/s measured",
