@@ -19,6 +19,11 @@ FAMILIES = {
 }
 
 
+def _bpe():
+    texts = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog"] * 20
+    return Tokenizer.train_bpe(texts, vocab_size=300)
+
+
 def _model(kind):
     torch.manual_seed(0)
     model = Decoder(FAMILIES[kind]).eval()
@@ -66,14 +71,14 @@ def test_gguf_reads_back(kind, quant, tmp_path):
     gguf = pytest.importorskip("gguf")
     from commonlm.interop.gguf_export import export_gguf
 
-    model, tok = _model(kind), Tokenizer.byte_level()
+    model, tok = _model(kind), _bpe()
     export_gguf(model, tok, tmp_path / "m.gguf", quant=quant)
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     fields = reader.fields
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
     assert arch == {"llama": "llama", "qwen3": "qwen3", "gpt2": "gpt2"}[kind]
     assert int(fields[f"{arch}.block_count"].parts[-1][0]) == 2
-    assert len(fields["tokenizer.ggml.tokens"].data) == tok.vocab_size
+    assert len(fields["tokenizer.ggml.tokens"].data) == model.config.vocab_size  # padded past the tokenizer
     assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tok.eot_id
     tensors = {t.name: t for t in reader.tensors}
     n_expected = len(to_hf(model.config, model.state_dict()))
@@ -93,5 +98,7 @@ def test_gguf_refuses_a_native_architecture(tmp_path):
 
     model = Decoder(ModelConfig(family="llama", pos_emb="learned", n_layer=1, n_head=2, d_model=32, vocab_size=320))
     with pytest.raises(UserError, match="pos_emb"):
-        export_gguf(model, Tokenizer.byte_level(), tmp_path / "m.gguf")
+        export_gguf(model, _bpe(), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+    with pytest.raises(UserError, match="needs merges"):
+        export_gguf(_model("llama"), Tokenizer.byte_level(), tmp_path / "m.gguf")

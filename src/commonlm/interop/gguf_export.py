@@ -49,19 +49,24 @@ def _pre_tokenizer(tok: Tokenizer) -> str:
     )
 
 
-def _add_tokenizer(writer, gguf, tok: Tokenizer) -> None:
+def _add_tokenizer(writer, gguf, tok: Tokenizer, model_vocab: int) -> None:
     spec = json.loads(tok.to_json())
     model = spec["model"]
     if model.get("type") != "BPE":
         raise UserError(f"export: GGUF export supports BPE tokenizers, not {model.get('type')}")
+    if not model.get("merges"):
+        raise UserError("export: llama.cpp's BPE loader needs merges, and a byte tokenizer has none; "
+                        "train a BPE tokenizer (commonlm tokenizer train) for models you want in GGUF")
     vocab = tok.tk.get_vocab(with_added_tokens=True)
-    tokens = [""] * tok.vocab_size
+    # llama.cpp wants one token per embedding row: the rows past the tokenizer (we pad the vocabulary to a
+    # multiple of 64) become unused placeholder tokens, as llama.cpp's own converter writes them
+    tokens = [f"[PAD{i}]" for i in range(max(model_vocab, tok.vocab_size))]
     for text, i in vocab.items():
         tokens[i] = text
     added = tok.tk.get_added_tokens_decoder()
     types = [
-        (gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        if i in added else gguf.TokenType.NORMAL
+        (gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED) if i in added
+        else gguf.TokenType.NORMAL if i < tok.vocab_size else gguf.TokenType.UNUSED
         for i in range(len(tokens))
     ]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -69,8 +74,7 @@ def _add_tokenizer(writer, gguf, tok: Tokenizer) -> None:
     writer.add_tokenizer_pre(_pre_tokenizer(tok))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    if merges:
-        writer.add_token_merges(merges)
+    writer.add_token_merges(merges)
     writer.add_eos_token_id(tok.token_id(tok.eos_token))
     if tok.bos_token and tok.token_id(tok.bos_token) is not None:
         writer.add_bos_token_id(tok.token_id(tok.bos_token))
@@ -92,7 +96,17 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    try:
+        _write(gguf, str(tmp), arch, names, c, model, tok, quant, name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return out
+
+
+def _write(gguf, tmp: str, arch, names, c, model: Decoder, tok: Tokenizer, quant: str, name: str) -> None:
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
 
     writer.add_name(name)
     writer.add_context_length(c.max_seq_len)
@@ -112,7 +126,7 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
         writer.add_key_length(c.dim_head)
         writer.add_value_length(c.dim_head)
         writer.add_rope_dimension_count(c.dim_head)
-    _add_tokenizer(writer, gguf, tok)
+    _add_tokenizer(writer, gguf, tok, c.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -134,8 +148,6 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(out)
-    return out
 
 
 def _add_tensor(writer, gguf, name: str, data: np.ndarray, quant: str) -> None:
