@@ -1,0 +1,21 @@
+"""The matrix-vector path of our Linear computes what nn.Linear computes."""
+
+import torch
+import torch.nn.functional as F
+
+from commonlm.model.decoder import Linear
+
+
+def test_single_row_bf16_matches_linear():
+    torch.manual_seed(0)
+    layer = Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    got = layer(x)
+    want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert got.shape == (1, 1, 48) and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    batch = torch.randn(3, 2, 64, dtype=torch.bfloat16)  # more rows: the ordinary path
+    assert torch.equal(layer(batch), F.linear(batch, layer.weight, layer.bias))
+    fp32 = Linear(64, 48)
+    row = torch.randn(1, 64)
+    assert torch.equal(fp32(row), F.linear(row, fp32.weight, fp32.bias))
