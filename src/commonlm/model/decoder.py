@@ -52,9 +52,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            y = torch.mv(self.weight, x.reshape(-1))
-            if self.bias is not None:
-                y = y + self.bias
+            v = x.reshape(-1)
+            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
             return y.view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
