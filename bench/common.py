@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from commonlm.utils import human  # noqa: F401  (re-exported for the bench scripts)
+
 
 def setup_threads(threads: int = 0) -> int:
     """Use all cores (as the trainer does with train.threads=0) unless told otherwise."""
@@ -60,13 +62,6 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
-
-
-def human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

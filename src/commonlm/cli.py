@@ -7,6 +7,7 @@ traceback instead. Heavy modules are imported inside the verbs so `--help` is in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -142,7 +143,6 @@ def _model_name(lm) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import os
 
     import uvicorn
 
@@ -203,24 +203,20 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
+    import torch
+
     from commonlm.config import PRESET_DIR, list_presets, load_config
+    from commonlm.model.decoder import Decoder
     from commonlm.utils import human
 
     for name in list_presets():
         c = load_config(name).model
-        vocab = c.vocab_size or (50257 if c.family == "gpt2" else 32000)
-        params = _estimate_params(c, vocab)
-        print(f"{name:12s} {c.family:6s} {human(params):>8s} params at vocab {vocab:<6d} {c.n_layer:2d} layers  "
+        c.vocab_size = c.vocab_size or (50257 if c.family == "gpt2" else 32000)
+        with torch.device("meta"):  # counts parameters without allocating them
+            params = Decoder(c).num_params()
+        print(f"{name:12s} {c.family:6s} {human(params):>8s} params at vocab {c.vocab_size:<6d} {c.n_layer:2d} layers  "
               f"d_model {c.d_model:5d}  heads {c.n_head}/{c.kv_heads}  context {c.max_seq_len:5d}  "
               f"{PRESET_DIR / name}.yaml")
-
-
-def _estimate_params(c, vocab: int) -> int:
-    attn = c.d_model * (c.n_head + 2 * c.kv_heads) * c.dim_head + c.n_head * c.dim_head * c.d_model
-    mlp = (3 if c.mlp == "swiglu" else 2) * c.d_model * c.ff_dim
-    embed = vocab * c.d_model * (1 if c.tie_embeddings else 2)
-    pos = c.max_seq_len * c.d_model if c.pos_emb == "learned" else 0
-    return c.n_layer * (attn + mlp) + embed + pos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="files, directories, .jsonl, .parquet, or 'stdlib' (this Python's standard library)")
         q.add_argument("--include", nargs="+", metavar="GLOB", help="file-name globs to take from directories")
         q.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
+
+    def sampling(q: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+        q.add_argument("--max-tokens", type=int, default=max_tokens)
+        q.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+        q.add_argument("--top-k", type=int, default=50)
+        q.add_argument("--top-p", type=float, default=0.95)
+        q.add_argument("--seed", type=int)
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     t = tok.add_parser("train", help="train a byte-level BPE tokenizer (or make a byte tokenizer)")
@@ -275,11 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a model")
     g.add_argument("model", help="run directory, model directory or checkpoint")
     g.add_argument("--prompt", default="\n")
-    g.add_argument("--max-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int)
+    sampling(g, max_tokens=200, temperature=0.8)
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--device", default="auto")
@@ -326,11 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
     inference(ch)
     ch.add_argument("--system", help="system prompt")
-    ch.add_argument("--max-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.7)
-    ch.add_argument("--top-k", type=int, default=50)
-    ch.add_argument("--top-p", type=float, default=0.95)
-    ch.add_argument("--seed", type=int)
+    sampling(ch, max_tokens=256, temperature=0.7)
     ch.set_defaults(func=cmd_chat)
 
     pr = sub.add_parser("presets", help="list the configuration presets")
@@ -355,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (silences the flush at exit)
+        return 0
     return 0
 
 
