@@ -143,7 +143,6 @@ def _model_name(lm) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-
     import uvicorn
 
     from commonlm.serve.app import ServeSettings, create_app
