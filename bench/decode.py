@@ -8,7 +8,9 @@ that directory. Prompt of 32 random tokens, 128 new tokens, greedy (as in shared
 inference-baseline.md). TTFT = from the call to the first new token (includes the prefill); decode
 ms/token = (time of token 128 - time of token 1) / 127. The memory-bandwidth limit is bytes of weights
 read per token divided by the copy bandwidth measured in this run (read+write bytes, as STREAM counts).
-With --quality, the validation perplexity of a trained model is measured in each precision.
+Rows marked "compiled" decode through `stream_ids(..., compile=True)` (`generate --compile`); the warm-up
+run before the timed ones pays for the compilation. With --quality, the validation perplexity of a trained
+model is measured in each precision.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def time_ours(model: Decoder, prompt: list[int]) -> tuple[float, float]:
+def time_ours(model: Decoder, prompt: list[int], compile: bool = False) -> tuple[float, float]:
     stamps = []
     t0 = time.perf_counter()
-    for _ in stream_ids(model, prompt, max_tokens=NEW, temperature=0.0):
+    for _ in stream_ids(model, prompt, max_tokens=NEW, temperature=0.0, compile=compile):
         stamps.append(time.perf_counter())
     return stamps[0] - t0, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
@@ -113,6 +115,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the compiled decode step (--compile)")
     p.add_argument("--quality", metavar="MODEL_DIR", help="a trained model for the perplexity comparison")
     p.add_argument("--data", metavar="DATA_DIR", help="its prepared data (validation split)")
     p.add_argument("--quality-tokens", type=int, default=65536)
@@ -134,8 +137,11 @@ def main() -> None:
     variants["int4 g32 (bf16 act.)"] = quantize_model(copy.deepcopy(bf16), "int4", dtype=torch.bfloat16)
 
     rows, results = [], {}
-    for name, m in variants.items():
-        ttft, step = median_runs(lambda m=m: time_ours(m, prompt), args.runs)
+    runs = [(name, m, False) for name, m in variants.items()]
+    if not args.skip_compile:
+        runs += [(f"{name}, compiled", m, True) for name, m in variants.items()]
+    for name, m, compile in runs:
+        ttft, step = median_runs(lambda m=m, compile=compile: time_ours(m, prompt, compile), args.runs)
         nbytes = weight_bytes(m)
         limit = bandwidth / nbytes
         results[name] = 1 / step
@@ -151,8 +157,8 @@ def main() -> None:
                 ttft, step = median_runs(lambda hf=hf: time_hf(hf, prompt), args.runs)
                 nbytes = weight_bytes(variants[name])
                 for row in rows:
-                    if row[0] == f"ours {name}":
-                        row[-1] = f"{results[name] * step:.2f}x"
+                    if row[0] in (f"ours {name}", f"ours {name}, compiled"):
+                        row[-1] = f"{results[row[0][5:]] * step:.2f}x"
                 rows.append([f"transformers generate() {name}", f"{nbytes / 1e6:.0f}", f"{1000 * ttft:.1f}",
                              f"{1000 * step:.2f}", f"{1 / step:.1f}", f"{bandwidth / nbytes:.0f}",
                              f"{100 * (1 / step) / (bandwidth / nbytes):.0f}%", "1.00x"])

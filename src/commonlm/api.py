@@ -43,12 +43,14 @@ class LanguageModel:
     def __init__(self, model: Decoder, tokenizer: Tokenizer, config: RunConfig, path: Path):
         self.model, self.tokenizer, self.config, self.path = model.eval(), tokenizer, config, path
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        """Text pieces as they are generated (see SamplingParams for the keyword arguments)."""
-        return stream_text(self.model, self.tokenizer, prompt, SamplingParams(**sampling))
+    def stream(self, prompt: str, compile: bool = False, **sampling) -> Iterator[str]:
+        """Text pieces as they are generated (see SamplingParams for the keyword arguments).
 
-    def generate(self, prompt: str, **sampling) -> str:
-        return "".join(self.stream(prompt, **sampling))
+        compile=True decodes through a compiled step: seconds to compile once, faster tokens after."""
+        return stream_text(self.model, self.tokenizer, prompt, SamplingParams(**sampling), compile=compile)
+
+    def generate(self, prompt: str, compile: bool = False, **sampling) -> str:
+        return "".join(self.stream(prompt, compile=compile, **sampling))
 
     def evaluate(self, data: str | Path, split: str = "val", max_tokens: int = 0, batch_size: int = 16):
         from commonlm.data.loader import TokenData

@@ -71,9 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from commonlm.api import load
-
-    m = load(args.model, device=args.device)
+    m, _ = _inference_model(args)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, stop=args.stop or [])
     for i in range(args.num_samples):
@@ -82,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.seed is not None:
             sampling["seed"] = args.seed + i
         sys.stdout.write(args.prompt)
-        for piece in m.stream(args.prompt, **sampling):
+        for piece in m.stream(args.prompt, compile=args.compile, **sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -119,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _inference_model(args: argparse.Namespace):
-    """Load a model for serving or chatting, in the dtype and quantization asked for."""
+    """Load a model for generating, chatting or serving, in the dtype and quantization asked for."""
     import torch
 
     from commonlm.api import load
@@ -193,7 +191,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                                 top_p=args.top_p, seed=args.seed)
         sys.stdout.write("model> ")
         answer = []
-        for piece in stream_text(lm.model, lm.tokenizer, prompt, params):
+        for piece in stream_text(lm.model, lm.tokenizer, prompt, params, compile=args.compile):
             answer.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -236,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--top-k", type=int, default=50)
         q.add_argument("--top-p", type=float, default=0.95)
         q.add_argument("--seed", type=int)
+        q.add_argument("--compile", action="store_true",
+                       help="compile the decode step: seconds once, then faster tokens (long outputs)")
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     t = tok.add_parser("train", help="train a byte-level BPE tokenizer (or make a byte tokenizer)")
@@ -274,13 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
 
+    def inference(q: argparse.ArgumentParser) -> None:
+        q.add_argument("model", help="run directory, model directory or checkpoint")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="weights in memory (auto: bf16 where the hardware does it natively)")
+        q.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
+
     g = sub.add_parser("generate", help="sample text from a model")
-    g.add_argument("model", help="run directory, model directory or checkpoint")
+    inference(g)
     g.add_argument("--prompt", default="\n")
     sampling(g, max_tokens=200, temperature=0.8)
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     g.add_argument("--num-samples", type=int, default=1)
-    g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quickstart", help="train a small model on this Python's standard library (a few minutes)")
@@ -300,13 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output file")
     ex.add_argument("--quant", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type")
     ex.set_defaults(func=cmd_export)
-
-    def inference(q: argparse.ArgumentParser) -> None:
-        q.add_argument("model", help="run directory, model directory or checkpoint")
-        q.add_argument("--device", default="auto")
-        q.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                       help="weights in memory (auto: bf16 where the hardware does it natively)")
-        q.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     inference(sv)

@@ -55,6 +55,8 @@ def test_prepare_train_resume_eval_generate(tmp_path):
     again = commonlm("generate", run / "final", "--prompt", "def ", "--max-tokens", 20, "--seed", 3)
     assert sample.stdout.startswith("def ") and sample.stdout == again.stdout
     assert commonlm("generate", run, "--prompt", "def ", "--max-tokens", 20, "--seed", 4).stdout != sample.stdout
+    greedy = ("generate", run, "--prompt", "def ", "--max-tokens", 20, "--temperature", 0, "--dtype", "fp32")
+    assert commonlm(*greedy, "--compile").stdout == commonlm(*greedy).stdout
 
 
 @pytest.fixture(scope="module")

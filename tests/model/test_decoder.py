@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from commonlm.config import ModelConfig
 from commonlm.model.decoder import Decoder
+from commonlm.model.kv_cache import KVCache, StaticKVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,16 +86,16 @@ def test_batch_rows_are_independent(name):
 # -- KV-cache decoding ------------------------------------------------------------------------------------
 
 
-def _decode_in_chunks(model: Decoder, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+def _decode_in_chunks(model: Decoder, idx: torch.Tensor, chunks: list[int], kind=KVCache) -> torch.Tensor:
     assert sum(chunks) == idx.shape[1]
-    cache = model.new_cache(batch_size=idx.shape[0])
+    cache = model.new_cache(batch_size=idx.shape[0], kind=kind)
     outs, pos = [], 0
     with torch.no_grad():
         for n in chunks:
             logits, _ = model(idx[:, pos : pos + n], cache=cache)
             assert logits.shape == (idx.shape[0], n, model.config.vocab_size)
             pos += n
-            assert cache.pos == pos
+            assert int(cache.pos) == pos
             outs.append(logits)
     return torch.cat(outs, dim=1)
 
@@ -111,14 +112,35 @@ def _decode_in_chunks(model: Decoder, idx: torch.Tensor, chunks: list[int]) -> t
     ],
     ids=["prefill+1s", "all-1s", "prefill+chunks", "1+chunks", "full"],
 )
-def test_kv_cache_matches_full_forward(name, chunks):
+@pytest.mark.parametrize("kind", [KVCache, StaticKVCache], ids=["kv", "static"])
+def test_kv_cache_matches_full_forward(name, chunks, kind):
     model = make(name)
     idx = tokens(2, sum(chunks))
     with torch.no_grad():
         full, _ = model(idx)
-    cached = _decode_in_chunks(model, idx, chunks)
+    cached = _decode_in_chunks(model, idx, chunks, kind)
     assert full.abs().max() > 0.1  # the comparison is not between near-zero logits
     assert (cached - full).abs().max().item() < 1e-5
+
+
+def test_static_cache_reset_and_fixed_shapes():
+    model = make("qwen3")
+    a, b = tokens(1, 9, seed=3), tokens(1, 9, seed=4)
+    cache = model.new_cache(batch_size=1, max_len=16, kind=StaticKVCache)
+    with torch.no_grad():
+        model(a, cache=cache)
+        cache.reset()
+        out = torch.cat([model(b[:, :4], cache=cache)[0], model(b[:, 4:5], cache=cache)[0]], dim=1)
+        ref, _ = model(b[:, :5])
+    assert (out - ref).abs().max() < 1e-5
+    assert all(k.shape[2] == 16 for k in cache.k)  # attention always runs over the whole cache
+
+
+def test_cache_longer_than_the_context_is_refused():
+    model = make("gpt2")
+    for kind in (KVCache, StaticKVCache):
+        with pytest.raises(ValueError, match="max_seq_len"):
+            model.new_cache(batch_size=1, max_len=model.config.max_seq_len + 1, kind=kind)
 
 
 @pytest.mark.parametrize("name", NAMES)

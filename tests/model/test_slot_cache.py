@@ -5,6 +5,7 @@ import torch
 
 from commonlm.config import ModelConfig
 from commonlm.model.decoder import Decoder
+from commonlm.model.kv_cache import SlotKVCache
 
 CONFIGS = {
     "llama-gqa": ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, vocab_size=96),
@@ -18,7 +19,7 @@ def test_slots_at_different_lengths_match_full_forward(name):
     torch.manual_seed(0)
     model = Decoder(CONFIGS[name]).eval()
     seqs = [torch.randint(0, 96, (n,)).tolist() for n in (5, 11, 2)]
-    cache = model.new_cache(batch_size=4, max_len=32, slots=True)
+    cache = model.new_cache(batch_size=4, max_len=32, kind=SlotKVCache)
     with torch.no_grad():
         # prefill each prompt (but its last token) into its own slot, in a different order than the slots
         for slot, seq in [(2, seqs[1]), (0, seqs[0]), (3, seqs[2])]:

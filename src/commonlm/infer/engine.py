@@ -24,6 +24,7 @@ import torch
 
 from commonlm.infer.generate import sample_next
 from commonlm.model.decoder import Decoder
+from commonlm.model.kv_cache import SlotKVCache
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Engine:
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, slots=True)
+        self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, kind=SlotKVCache)
         self.free_slots = list(range(max_batch))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []

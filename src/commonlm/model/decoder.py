@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from commonlm.config import ModelConfig
-from commonlm.model.kv_cache import KVCache, SlotKVCache
+from commonlm.model.kv_cache import KVCache, SlotKVCache, StaticKVCache
 
 
 class RMSNorm(nn.Module):
@@ -253,9 +253,10 @@ class Decoder(nn.Module):
         """
         B, T = idx.shape
         positions = cache.positions(T) if cache is not None else None  # [B, T] or None (0..T-1)
-        end = T if positions is None else int(positions.max()) + 1
-        if end > self.config.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if not isinstance(cache, StaticKVCache):  # (a static cache is never longer than max_seq_len)
+            end = T if positions is None else int(positions.max()) + 1
+            if end > self.config.max_seq_len:
+                raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=idx.device) if positions is None else positions)
@@ -296,13 +297,17 @@ class Decoder(nn.Module):
         return 6 * matmul + attention
 
     def new_cache(
-        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None, slots: bool = False
-    ) -> KVCache | SlotKVCache:
-        """A KV cache for this model: shared positions, or `slots=True` for one position per sequence."""
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+        kind: type[KVCache | SlotKVCache | StaticKVCache] = KVCache,
+    ) -> KVCache | SlotKVCache | StaticKVCache:
+        """A KV cache for this model: `KVCache` (shared positions), `SlotKVCache` (one position per
+        sequence) or `StaticKVCache` (fixed shapes, for a compiled decode step)."""
         c = self.config
+        max_len = max_len or c.max_seq_len
+        if max_len > c.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds max_seq_len={c.max_seq_len}")
         weight = self.embed.weight
-        kind = SlotKVCache if slots else KVCache
         return kind(
             n_layer=c.n_layer, batch_size=batch_size, n_kv_head=c.kv_heads, head_dim=c.dim_head,
-            max_len=max_len or c.max_seq_len, device=weight.device, dtype=dtype or weight.dtype,
+            max_len=max_len, device=weight.device, dtype=dtype or weight.dtype,
         )

@@ -7,6 +7,8 @@ keys/values and give back everything each query may see (`update`), and move on 
 - `KVCache`: every row at the same position (single requests, equal-length batches).
 - `SlotKVCache`: one slot per request, each at its own length; a forward pass runs on any subset of
   slots (`select`). This is what continuous batching needs: requests join and leave between steps.
+- `StaticKVCache`: like `KVCache`, but every shape is fixed and the position is a tensor, so that a
+  compiled decode step (infer/compiled.py) sees the same graph at every token.
 """
 
 from __future__ import annotations
@@ -108,3 +110,43 @@ class SlotKVCache(KVCache):
 
     def reset(self) -> None:
         self.lengths.zero_()
+
+
+class StaticKVCache:
+    """Fixed shapes for torch.compile: attention always runs over all `max_len` positions, with a mask
+    hiding the ones not written yet, and the position lives in a tensor instead of a Python int.
+
+    One tensor pair per layer (writing into a slice of one big tensor makes the compiled graph copy the
+    whole tensor). The caller keeps count: nothing here checks for room on the host, because a
+    compiled step must not read a changing Python number (writing past `max_len` fails in
+    `index_copy_`, eager or compiled).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+
+    def positions(self, T: int) -> torch.Tensor:
+        B = self.k[0].shape[0]
+        return (self.pos + torch.arange(T, device=self.pos.device)).expand(B, T)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        where = self.pos + torch.arange(T, device=k.device)  # [T]
+        self.k[layer].index_copy_(2, where, k)
+        self.v[layer].index_copy_(2, where, v)
+        mask = self.slots[None, :] <= where[:, None]  # [T, max_len]: each query sees up to itself
+        return self.k[layer], self.v[layer], mask
+
+    def advance(self, n: int) -> None:
+        self.pos.add_(n)
+
+    def reset(self) -> None:
+        self.pos.zero_()
