@@ -82,28 +82,35 @@ class SlotKVCache(KVCache):
         self.lengths[slot] = 0
 
     def positions(self, T: int) -> torch.Tensor:
-        return self.lengths[self.rows][:, None] + torch.arange(T, device=self.k.device)
+        """The positions of the next T tokens of each selected slot, [B, T]. A forward pass asks this once,
+        before its first layer: what every layer's `update` needs (write indices, visibility mask,
+        bounds check) is worked out here, once, instead of once per layer."""
+        pos = self.lengths[self.rows][:, None] + torch.arange(T, device=self.k.device)  # [B, T]
+        end = int(pos.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
+        B = pos.shape[0]
+        self._write = (self.rows[:, None].expand(B, T), pos)
+        # query t of row b (at position pos[b, t]) sees the keys at positions 0..pos[b, t] of its own slot;
+        # one new token per row, every row at the same length: it sees all `end` keys, no mask needed
+        self._mask = None
+        if T > 1 or int(pos.min()) + 1 != end:
+            self._mask = (torch.arange(end, device=pos.device)[None, None, :] <= pos[:, :, None])[:, None]  # [B,1,T,S]
+        self._end = end
+        return pos
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        B, _, T, _ = k.shape
-        starts = self.lengths[self.rows]
-        pos = starts[:, None] + torch.arange(T, device=k.device)  # [B, T]
-        end = int(pos.max()) + 1
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
-        rows = self.rows[:, None].expand(B, T)
+        B, end = k.shape[0], self._end
         # advanced indices on dims 1 and 3 around a slice: the indexed view is [B, T, H, D]
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        self.k[layer][self._write[0], :, self._write[1]] = k.transpose(1, 2)
+        self.v[layer][self._write[0], :, self._write[1]] = v.transpose(1, 2)
         if self._contiguous:
             keys, values = self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
         else:
             keys, values = self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]
-        # query t of row b (at position pos[b, t]) sees the keys at positions 0..pos[b, t] of its own slot
-        mask = torch.arange(end, device=k.device)[None, None, :] <= pos[:, :, None]  # [B, T, S]
-        return keys, values, mask[:, None]
+        return keys, values, self._mask
 
     def advance(self, n: int) -> None:
         self.lengths[self.rows] += n
