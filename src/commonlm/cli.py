@@ -141,9 +141,7 @@ def _model_name(lm) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from commonlm.serve.app import ServeSettings, create_app
+    from commonlm.serve.app import ServeSettings, serve
     from commonlm.utils import console
 
     api_key = None
@@ -161,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     console.print(f"serving {lm.path} as '{settings.model_name}' ({str(dtype).replace('torch.', '')}"
                   f"{', ' + args.quantize if args.quantize else ''}) on http://{args.host}:{args.port}/")
-    uvicorn.run(create_app(lm, settings), host=args.host, port=args.port, log_level="warning")
+    serve(lm, settings, args.host, args.port)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -130,7 +130,8 @@ class Engine:
         return len(self.running)
 
     def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._loop, name="commonlm-engine", daemon=True)
+        """Decode on a new thread (tests, notebooks); `commonlm serve` calls `run` on its main thread."""
+        self._thread = threading.Thread(target=self.run, name="commonlm-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -141,13 +142,16 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def _loop(self) -> None:
-        while True:
+    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+        """Decode on the calling thread until `stop()` or until `keep_going()` turns false (checked at least
+        twice a second while idle)."""
+        while keep_going():
             with self.lock:
-                while not self._stop and not self.waiting and not self.running:
-                    self.lock.wait()
                 if self._stop:
                     return
+                if not self.waiting and not self.running:
+                    self.lock.wait(timeout=0.5)
+                    continue
             try:
                 self.step()
             except Exception as e:  # a bug must not stop the engine: fail what was running, keep serving
