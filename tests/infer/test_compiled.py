@@ -64,3 +64,15 @@ def test_static_cache_lengths():
     assert static_cache_length(257, 4096) == 512
     assert static_cache_length(3000, 4096) == 4096
     assert static_cache_length(3000, 2048) == 2048
+
+
+def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from commonlm.errors import UserError
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled earlier
+    model = random_model("llama", seed=5, scale=0.1)
+    with pytest.raises(UserError, match="without --compile"):
+        generate_ids(model, [1, 2, 3], max_tokens=4, temperature=0.0, compile=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 from commonlm.model.kv_cache import StaticKVCache
 
@@ -78,9 +79,18 @@ def compiled_decode_step(model: Decoder) -> DecodeStep:
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         return _inductor_keeping_mv(gm, example_inputs)
 
-    step = torch.compile(
+    compiled = torch.compile(
         functools.partial(_decode, model), backend=backend, fullgraph=True, dynamic=False,
         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
     )
+
+    def step(idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        try:
+            return compiled(idx, cache)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
+            reason = str(e).strip().splitlines()[0]
+            raise UserError(f"compiling the decode step failed ({reason}); run without --compile, or install "
+                            "a C++ compiler (g++) for torch.compile on CPU") from e
+
     _steps[model] = (signature, step)
     return step

@@ -1,4 +1,5 @@
-"""The batched inference engine: continuous batching over a slot KV cache, in one background thread.
+"""The batched inference engine: continuous batching over a slot KV cache, on one thread (`run` on the
+caller's, or `start` for a new one; `commonlm serve` runs it on its main thread, see serve/app.py).
 
 Requests join and leave between decode steps. Each step (1) gives waiting requests free slots,
 (2) prefills prompts in chunks of at most `prefill_chunk` tokens in all (so a long prompt never stalls
@@ -67,7 +68,7 @@ class Sequence:
 
 
 class EngineStats:
-    """Counters for /metrics; written by the engine thread, read by anybody."""
+    """Counters for /metrics; written by the thread that runs the engine, read by anybody."""
 
     def __init__(self) -> None:
         self.requests_finished = collections.Counter()  # by finish reason
