@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, machine, markdown_table, setup_threads  # noqa: E402
+from common import load_average, machine, markdown_table, setup_threads, sync  # noqa: E402
 
 from commonlm.config import ModelConfig, RunConfig  # noqa: E402
 from commonlm.data.tokenizer import Tokenizer  # noqa: E402
@@ -34,18 +34,21 @@ from commonlm.infer.generate import stream_ids  # noqa: E402
 from commonlm.infer.quant import quantize_model, weight_bytes  # noqa: E402
 from commonlm.model.decoder import Decoder  # noqa: E402
 from commonlm.modeldir import save_model_dir  # noqa: E402
+from commonlm.runtime import pick_device  # noqa: E402
 
 PROMPT, NEW = 32, 128
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
-    src = torch.ones(nbytes // 4)
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times)
 
@@ -74,7 +77,7 @@ def time_hf(model, prompt: list[int]) -> tuple[float, float]:
             pass
 
     streamer = Stamps()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
@@ -114,6 +117,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-compile", action="store_true", help="leave out the compiled decode step (--compile)")
     p.add_argument("--quality", metavar="MODEL_DIR", help="a trained model for the perplexity comparison")
@@ -121,14 +125,16 @@ def main() -> None:
     p.add_argument("--quality-tokens", type=int, default=65536)
     args = p.parse_args()
     setup_threads(args.threads)
-    print(f"{machine()}; load {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    device = pick_device(args.device)
+    gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"{machine()}{gpu}; load {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
 
     torch.manual_seed(0)
     config = ModelConfig(family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
                          pos_emb="learned", norm="layernorm", mlp="gelu_tanh", bias=True)
-    model = Decoder(config).eval()
+    model = Decoder(config).eval().to(device)
     prompt = torch.randint(3, 50000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(device)
 
     variants = {"fp32": model}
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -151,9 +157,9 @@ def main() -> None:
         import transformers
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_model_dir(Path(tmp) / "m", model, Tokenizer.byte_level(), RunConfig(model=config))
+            save_model_dir(Path(tmp) / "m", copy.deepcopy(model).cpu(), Tokenizer.byte_level(), RunConfig(model=config))
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype).eval()
+                hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype).eval().to(device)
                 ttft, step = median_runs(lambda hf=hf: time_hf(hf, prompt), args.runs)
                 nbytes = weight_bytes(variants[name])
                 for row in rows:

@@ -129,9 +129,10 @@ def _inference_model(args: argparse.Namespace):
     if args.quantize:
         from commonlm.infer.quant import quantize_model
 
-        if lm.model.embed.weight.device.type != "cpu" and args.quantize == "int4":
-            raise UserError("--quantize int4 runs on CPU only for now; use int8 on GPU")
-        quantize_model(lm.model, args.quantize, dtype=dtype)
+        try:
+            quantize_model(lm.model, args.quantize, dtype=dtype)
+        except ValueError as e:
+            raise UserError(f"--quantize {args.quantize}: {e}") from None
     torch.set_grad_enabled(False)
     return lm, dtype
 

@@ -23,6 +23,21 @@ def test_int8_layer_matches_its_dequantized_weights():
     assert (layer.dequantized() - linear.weight).abs().max() <= layer.scale.max() / 2 + 1e-6  # rounding error
 
 
+def test_int8_off_cpu_path_computes_the_same():
+    # the GPU path (cast the weights, scale the output) run on CPU against the packed CPU kernel
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(96, 64, bias=False))
+    x = torch.randn(4, 96)
+    assert (layer.cast_forward(x) - layer(x)).abs().max() < 1e-4
+
+
+def test_int4_elsewhere_than_cpu_or_cuda_is_refused():
+    with torch.device("meta"):
+        linear = torch.nn.Linear(64, 64)
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        Int4Linear(linear, 32)
+
+
 def test_int4_round_trip_and_layer():
     torch.manual_seed(0)
     w = torch.randn(64, 128)

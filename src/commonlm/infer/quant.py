@@ -2,9 +2,11 @@
 
 Decoding one token at a time reads every weight once per step, so its speed is set by bytes of
 weights: int8 halves bf16's bytes and int4 quarters them. Activations stay in float. The matmuls use
-PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), as gpt-fast does.
-Off CPU, int8 layers dequantize on the fly (correct, not fast) and int4 is refused; layers whose shape the
-int4 kernel cannot take stay in float.
+PyTorch's packed kernels, as gpt-fast does: on CPU `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`,
+on CUDA the int4 tensor-core kernel `_weight_int4pack_mm` (bf16 activations) and, for int8, the weight cast
+inside `F.linear` with the scale applied to the output (under torch.compile, Inductor fuses the cast into
+the matmul). Layers whose shape the int4 kernel cannot take stay in float. The CUDA paths were written
+without a GPU at hand: tests/gpu/ checks them when one is.
 
     quantize_model(model, "int8")            # in place; returns the model
     quantize_model(model, "int4", group_size=32)
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 MODES = ("int8", "int4")
 
@@ -33,13 +36,17 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scale.float()[:, None]
 
+    def cast_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """The path off CPU: the per-row scale commutes with the matmul, so it goes on the output."""
+        return F.linear(x2, self.weight.to(x2.dtype)) * self.scale.to(x2.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale.to(x2.dtype))
-        else:  # dequantize on the fly (correct everywhere; a fused GPU kernel is future work)
-            y = x2 @ (self.weight.to(x2.dtype) * self.scale.to(x2.dtype)[:, None]).t()
+        else:
+            y = self.cast_forward(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -63,23 +70,41 @@ def dequantize_int4(q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
     return (g * sz[..., :1] + sz[..., 1:]).reshape(out_f, in_f)
 
 
+def int4_inner_k_tiles(in_features: int) -> int:
+    """The CUDA int4 kernel's tiling of the input dimension: in_features must be a multiple of 16x it."""
+    return next((tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0), 0)
+
+
 class Int4Linear(nn.Module):
-    """Asymmetric 4-bit weights in groups of `group_size` inputs, packed for PyTorch's CPU int4 kernel."""
+    """Asymmetric 4-bit weights in groups of `group_size` inputs, packed for PyTorch's int4 kernel of the
+    device the weights are on (CPU, or CUDA with bf16 activations)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if linear.weight.device.type != "cpu":
-            raise ValueError("int4 weights are packed for the CPU kernel; quantize on CPU (or use int8 on GPU)")
+        device = linear.weight.device
         q, scales_zeros = quantize_int4(linear.weight.detach(), group_size)
         self.group_size, self.in_features, self.out_features = group_size, linear.in_features, linear.out_features
+        if device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        elif device.type == "cuda":
+            if dtype != torch.bfloat16:
+                raise ValueError("int4 weights on GPU need bf16 activations (--dtype bf16)")
+            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # two per byte, the first one high
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, int4_inner_k_tiles(self.in_features))
+        else:
+            raise ValueError(f"int4 weights run on CPU or CUDA, not {device.type}; use int8 there")
         self.register_buffer("scales_zeros", scales_zeros.to(dtype))
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("packed", packed)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros.to(x2.dtype))
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
+                                                          self.scales_zeros.to(x2.dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -99,7 +124,9 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, dtype: tor
                 continue
             if mode == "int8":
                 setattr(parent, name, Int8Linear(child, dtype))
-            elif child.in_features % group_size == 0 and child.out_features % 8 == 0:
+            elif child.in_features % group_size == 0 and child.out_features % 8 == 0 and (
+                child.weight.device.type != "cuda" or int4_inner_k_tiles(child.in_features)
+            ):
                 setattr(parent, name, Int4Linear(child, group_size, dtype))
     model.quantized = mode
     return model
