@@ -121,11 +121,14 @@ def _inference_model(args: argparse.Namespace):
     import torch
 
     from commonlm.api import load
+    from commonlm.infer.packed import can_pack, pack_linears
     from commonlm.runtime import pick_dtype
 
     lm = load(args.model, device=args.device)
     dtype = pick_dtype(args.dtype, lm.model.embed.weight.device)
     lm.model.to(dtype)
+    if not args.quantize and not getattr(args, "compile", False) and can_pack(lm.model):
+        pack_linears(lm.model)  # bf16 on CPU: weights laid out once for oneDNN (infer/packed.py)
     if args.quantize:
         from commonlm.infer.quant import quantize_model
 
