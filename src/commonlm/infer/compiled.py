@@ -14,6 +14,7 @@ Two choices make it pay off on CPU (measured in bench/decode.py):
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from collections.abc import Callable
 
@@ -33,6 +34,17 @@ def static_cache_length(needed: int, max_seq_len: int) -> int:
     while length < needed:
         length *= 2
     return min(length, max_seq_len)
+
+
+class _QuietProxyNotice(logging.Filter):
+    """Inductor warns, once per call site, that `mv` has no C shim and goes through its proxy executor:
+    that is how we want it (timed: no slower than `addmv`'s shim), so the notice is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "c-shim implementation" not in record.getMessage()
+
+
+logging.getLogger("torch._inductor.ir").addFilter(_QuietProxyNotice())
 
 
 def _inductor_keeping_mv(gm: torch.fx.GraphModule, example_inputs: list) -> object:
