@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from commonlm.config import ModelConfig
+from commonlm.infer.compiled import compiled_decode_step
 from commonlm.infer.generate import generate_ids
 from commonlm.infer.quant import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_model
 from commonlm.model.decoder import Decoder
+from commonlm.model.kv_cache import StaticKVCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,11 +37,21 @@ def test_cuda_logits_match_cpu(family):
     assert (got - want).abs().max() / want.abs().max() < 1e-3  # TF32 may be on
 
 
-def test_cuda_compiled_decoding_equals_eager():
-    m = model("llama").cuda().to(torch.bfloat16)
-    prompt = [5, 17, 99, 3, 250]
-    assert generate_ids(m, prompt, max_tokens=32, temperature=0.0, compile=True) == generate_ids(
-        m, prompt, max_tokens=32, temperature=0.0)
+def test_cuda_compiled_step_matches_eager():
+    m = model("llama").cuda()
+    idx = torch.randint(0, 384, (1, 12), device="cuda")
+    step = compiled_decode_step(m)
+    with torch.inference_mode():
+        full, _ = m(idx)
+        cache = m.new_cache(1, 32, kind=StaticKVCache)
+        m(idx[:, :4], cache=cache)
+        steps = torch.stack([step(idx[:, t : t + 1], cache) for t in range(4, 12)], dim=1)
+    assert (steps - full[:, 4:12]).abs().max() / full.abs().max() < 1e-3
+
+
+def test_cuda_compiled_generation_runs_in_bf16():
+    m = model("gpt2").cuda().to(torch.bfloat16)
+    assert len(generate_ids(m, [5, 17, 99], max_tokens=24, temperature=0.0, compile=True)) == 24
 
 
 def test_cuda_int8_layer():
