@@ -1,12 +1,15 @@
 """The compiled decode step (infer/compiled.py): same logits and tokens as eager decoding, one graph per
 model, and a model changed in place is compiled again rather than run through a stale graph."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from commonlm.infer.compiled import compiled_decode_step, static_cache_length
 from commonlm.infer.generate import generate_ids
 from commonlm.infer.quant import quantize_model
+from commonlm.model.decoder import Decoder
 from commonlm.model.kv_cache import StaticKVCache
 
 from .test_generate import random_model
@@ -42,9 +45,12 @@ def test_compiled_greedy_tokens_equal_eager():
 
 
 def test_each_model_runs_its_own_graph():
-    # the same shapes everywhere: only the weights tell the two apart
+    # a and b differ only in their weights; c has a's KV-cache shapes but a wider MLP (what guards on
+    # the cache alone could not tell apart)
     a, b = random_model("gpt2", seed=1, scale=0.1), random_model("gpt2", seed=2, scale=0.1)
-    for model in (a, b, a):
+    torch.manual_seed(3)
+    c = Decoder(dataclasses.replace(a.config, d_ff=2 * a.config.ff_dim)).eval()
+    for model in (a, b, a, c, a):
         assert compiled_logits_match(model) < 1e-4
     assert compiled_decode_step(a) is compiled_decode_step(a)
     assert compiled_decode_step(a) is not compiled_decode_step(b)

@@ -78,10 +78,11 @@ def _signature(model: Decoder) -> tuple:
 def compiled_decode_step(model: Decoder) -> DecodeStep:
     """`step(idx [B, 1], cache)` -> next-token logits [B, V], advancing the StaticKVCache.
 
-    Each model gets its own compiled function with its own backend object, and dynamo keys its cache
-    on the backend, so one model never runs another's graph. That lets the guards on the model's
-    modules go (they cost ~0.3 ms per token here); what they would have caught, a model changed
-    in place (quantized, cast, resized), is caught here instead by comparing `_signature`.
+    Each model gets its own compiled function, with its own backend object: a model seen for the first
+    time is compiled anew even where its KV cache has another model's shapes (tests/infer/
+    test_compiled.py). That lets the guards on the model's modules go (they cost ~0.3 ms per token
+    here); what they would have caught, this model changed in place (quantized, cast, resized), is
+    caught here instead by comparing `_signature`.
     """
     signature = _signature(model)
     entry = _steps.get(model)
