@@ -92,9 +92,10 @@ def compiled_decode_step(model: Decoder) -> DecodeStep:
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         return _inductor_keeping_mv(gm, example_inputs)
 
+    skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # (recent torch only)
     compiled = torch.compile(
         functools.partial(_decode, model), backend=backend, fullgraph=True, dynamic=False,
-        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        options={"guard_filter_fn": skip_module_guards} if skip_module_guards else None,
     )
 
     def step(idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
