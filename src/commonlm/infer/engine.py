@@ -131,7 +131,8 @@ class Engine:
         return len(self.running)
 
     def start(self) -> Engine:
-        """Decode on a new thread (tests, notebooks); `commonlm serve` calls `run` on its main thread."""
+        """Decode on a new thread (tests, notebooks). Slower where another thread of this process already ran
+        PyTorch ops (a second OpenMP pool, see serve/app.py:serve): `commonlm serve` calls `run` instead."""
         self._thread = threading.Thread(target=self.run, name="commonlm-engine", daemon=True)
         self._thread.start()
         return self
