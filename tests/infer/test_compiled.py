@@ -77,8 +77,8 @@ def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
     from commonlm.errors import UserError
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled earlier
     model = random_model("llama", seed=5, scale=0.1)
-    with pytest.raises(UserError, match="without --compile"):
-        generate_ids(model, [1, 2, 3], max_tokens=4, temperature=0.0, compile=True)
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        with pytest.raises(UserError, match="No working C\\+\\+ compiler.*without --compile"):
+            generate_ids(model, [1, 2, 3], max_tokens=4, temperature=0.0, compile=True)
