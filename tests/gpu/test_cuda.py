@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from commonlm.config import ModelConfig
-from commonlm.infer.compiled import compiled_decode_step
 from commonlm.infer.generate import generate_ids
 from commonlm.infer.quant import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_model
 from commonlm.model.decoder import Decoder
-from commonlm.model.kv_cache import StaticKVCache
+from tests.infer.test_compiled import compiled_and_eager_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,15 +37,8 @@ def test_cuda_logits_match_cpu(family):
 
 
 def test_cuda_compiled_step_matches_eager():
-    m = model("llama").cuda()
-    idx = torch.randint(0, 384, (1, 12), device="cuda")
-    step = compiled_decode_step(m)
-    with torch.inference_mode():
-        full, _ = m(idx)
-        cache = m.new_cache(1, 32, kind=StaticKVCache)
-        m(idx[:, :4], cache=cache)
-        steps = torch.stack([step(idx[:, t : t + 1], cache) for t in range(4, 12)], dim=1)
-    assert (steps - full[:, 4:12]).abs().max() / full.abs().max() < 1e-3
+    steps, full = compiled_and_eager_logits(model("llama").cuda())
+    assert (steps - full).abs().max() / full.abs().max() < 1e-3
 
 
 def test_cuda_compiled_generation_runs_in_bf16():

@@ -17,17 +17,25 @@ from .test_generate import random_model
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def compiled_logits_match(model, seed: int = 0) -> float:
-    """The largest difference between compiled-step logits and a full eager forward (fp32)."""
+def compiled_and_eager_logits(model, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for tokens 4..11 of a random sequence: from the compiled step (after an eager prefill of
+    tokens 0..3) and from a full eager forward. Also used by tests/gpu."""
     idx = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
+    idx = idx.to(model.embed.weight.device)
     step = compiled_decode_step(model)
     with torch.inference_mode():
         full, _ = model(idx)
         cache = model.new_cache(1, 32, kind=StaticKVCache)
         model(idx[:, :4], cache=cache)
         steps = torch.stack([step(idx[:, t : t + 1], cache) for t in range(4, 12)], dim=1)
+    return steps, full[:, 4:12]
+
+
+def compiled_logits_match(model, seed: int = 0) -> float:
+    """The largest difference between compiled-step logits and a full eager forward (fp32)."""
+    steps, full = compiled_and_eager_logits(model, seed)
     assert full.abs().max() > 0.5  # not a comparison of near-zero logits
-    return (steps - full[:, 4:12]).abs().max().item()
+    return (steps - full).abs().max().item()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

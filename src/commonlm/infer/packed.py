@@ -1,9 +1,9 @@
 """bf16 linear layers with their weights packed once for oneDNN, for inference on CPU.
 
 `nn.Linear` hands oneDNN a plain row-major weight, which its AMX kernels re-lay out on every call.
-Packing each weight once, into oneDNN's blocked layout, made the batched decode steps of the server and
-the prefill of prompts about 1.5x faster on this machine (bench/serve_throughput.py, BENCHMARKS.md);
-one row at a time it is as fast as the `torch.mv` path of `model.decoder.Linear`.
+Packing each weight once, into oneDNN's blocked layout, made the weight matmuls of batched decode steps
+and of prompt prefill about 1.5x faster on this machine, and the server 1.2x faster at 16-64 streams
+(BENCHMARKS.md); one row at a time it is as fast as the `torch.mv` path of `model.decoder.Linear`.
 
 The packed weights are opaque oneDNN tensors: such a model serves and generates, but is not trained,
 saved or compiled. `commonlm serve`, `generate` and `chat` pack bf16 models on CPU (not with --compile
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from commonlm.infer.quant import replace_linears
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -39,9 +41,4 @@ def pack_linears(model: nn.Module) -> nn.Module:
     packed copy; the embedding table stays as it is)."""
     if not can_pack(model):
         raise ValueError("packing needs a bf16 model on CPU and PyTorch built with oneDNN")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
-    model.packed = True
-    return model
+    return replace_linears(model, PackedLinear)

@@ -14,6 +14,8 @@ without a GPU at hand: tests/gpu/ checks them when one is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,6 +112,15 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> nn.Module:
+    """Swap each nn.Linear of `model` for `make(linear)`, in place, where that is not None."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (replacement := make(child)) is not None:
+                setattr(parent, name, replacement)
+    return model
+
+
 def quantize_model(model: nn.Module, mode: str, group_size: int = 32, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every eligible nn.Linear (all of them in our decoder, the head included) in place.
 
@@ -118,18 +129,15 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, dtype: tor
     """
     if mode not in MODES:
         raise ValueError(f"quantization mode {mode!r}: choose one of {', '.join(MODES)}")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if mode == "int8":
-                setattr(parent, name, Int8Linear(child, dtype))
-            elif child.in_features % group_size == 0 and child.out_features % 8 == 0 and (
-                child.weight.device.type != "cuda" or int4_inner_k_tiles(child.in_features)
-            ):
-                setattr(parent, name, Int4Linear(child, group_size, dtype))
-    model.quantized = mode
-    return model
+
+    def quantized(linear: nn.Linear) -> nn.Module | None:
+        if mode == "int8":
+            return Int8Linear(linear, dtype)
+        fits_int4 = linear.in_features % group_size == 0 and linear.out_features % 8 == 0 and (
+            linear.weight.device.type != "cuda" or int4_inner_k_tiles(linear.in_features))
+        return Int4Linear(linear, group_size, dtype) if fits_int4 else None
+
+    return replace_linears(model, quantized)
 
 
 def weight_bytes(model: nn.Module) -> int:
