@@ -90,3 +90,26 @@ def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
     with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
         with pytest.raises(UserError, match="No working C\\+\\+ compiler.*without --compile"):
             generate_ids(model, [1, 2, 3], max_tokens=4, temperature=0.0, compile=True)
+
+
+def test_compiles_when_the_ci_variable_is_set(tmp_path):
+    # Inductor refuses to make an op a fallback by itself when CI is set and a decomposition exists, which
+    # is how our kept `mv`/`addmv` reach it; this failed on GitHub-style CI machines. A fresh process,
+    # because the fallback registry is global and an earlier test may have filled it.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from commonlm.infer.generate import generate_ids\n"
+        "from tests.infer.test_generate import random_model\n"
+        "m = random_model('gpt2', scale=0.3).to(torch.bfloat16)\n"
+        "e = generate_ids(m, [5, 17, 99], max_tokens=8, temperature=0.0)\n"
+        "c = generate_ids(m, [5, 17, 99], max_tokens=8, temperature=0.0, compile=True)\n"
+        "assert c == e, (c, e)\n"
+    )
+    env = {**os.environ, "CI": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -47,12 +47,24 @@ class _QuietProxyNotice(logging.Filter):
 logging.getLogger("torch._inductor.ir").addFilter(_QuietProxyNotice())
 
 
+def _register_mv_fallbacks(keep: set) -> None:
+    """Lower the kept ops as plain calls to their ATen kernels. Inductor would make these fallbacks
+    itself, but it refuses to when the environment variable CI is set and a decomposition exists,
+    so we register them explicitly (once; the registry is global)."""
+    from torch._inductor.lowering import lowerings, make_fallback
+
+    for op in keep:
+        if op not in lowerings:
+            make_fallback(op, warn=False, override_decomp=True)
+
+
 def _inductor_keeping_mv(gm: torch.fx.GraphModule, example_inputs: list) -> object:
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
     aten = torch.ops.aten
     keep = {aten.mv.default, aten.addmv.default}
+    _register_mv_fallbacks(keep)
     table = {op: fn for op, fn in select_decomp_table().items() if op not in keep}
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     return compile_fx(gm, example_inputs, decompositions=table, config_patches={"cpp_wrapper": on_cpu})
