@@ -11,7 +11,9 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for large tensors, as the commonlm CLI sets
+
+import torch  # noqa: E402
 
 from commonlm.utils import human  # noqa: F401  (re-exported for the bench scripts)
 

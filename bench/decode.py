@@ -53,6 +53,18 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -
     return 2 * nbytes / statistics.median(times)
 
 
+def gpt2_small(device: torch.device) -> Decoder:
+    """The GPT-2-small shape (124M) with seeded random weights, fp32."""
+    torch.manual_seed(0)
+    config = ModelConfig(family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
+                         pos_emb="learned", norm="layernorm", mlp="gelu_tanh", bias=True)
+    return Decoder(config).eval().to(device)
+
+
+def bench_prompt() -> list[int]:
+    return torch.randint(3, 50000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
 def time_ours(model: Decoder, prompt: list[int], compile: bool = False) -> tuple[float, float]:
     stamps = []
     t0 = time.perf_counter()
@@ -129,11 +141,9 @@ def main() -> None:
     gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(f"{machine()}{gpu}; load {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
 
-    torch.manual_seed(0)
-    config = ModelConfig(family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
-                         pos_emb="learned", norm="layernorm", mlp="gelu_tanh", bias=True)
-    model = Decoder(config).eval().to(device)
-    prompt = torch.randint(3, 50000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
+    model = gpt2_small(device)
+    config = model.config
+    prompt = bench_prompt()
     bandwidth = copy_bandwidth(device)
 
     variants = {"fp32": model}
