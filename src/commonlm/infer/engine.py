@@ -221,11 +221,18 @@ class Engine:
         self._emit(batch, logits[:, -1, :])
 
     def _emit(self, batch: list[Sequence], logits: torch.Tensor) -> None:
-        logits = logits.float()
+        # greedy rows without penalties in one reduction over the batch (one per row cost ~60 us each)
+        greedy = [i for i, seq in enumerate(batch) if seq.request.temperature <= 0 and not has_penalties(seq.request)]
+        picked = {}
+        if greedy:
+            rows = logits if len(greedy) == len(batch) else logits[greedy]
+            picked = dict(zip(greedy, rows.max(dim=-1).indices.tolist()))
         for row, seq in enumerate(batch):
             r = seq.request
-            row_logits = apply_penalties(logits[row], r, seq.generated)
-            token = int(sample_next(row_logits[None], r.temperature, r.top_k, r.top_p, seq.generator))
+            token = picked.get(row)
+            if token is None:
+                row_logits = apply_penalties(logits[row].float(), r, seq.generated)
+                token = int(sample_next(row_logits[None], r.temperature, r.top_k, r.top_p, seq.generator))
             if seq.first_token_at is None:
                 seq.first_token_at = time.perf_counter()
             if token in r.stop_ids:
@@ -259,9 +266,13 @@ class Engine:
             seq.done.set()
 
 
+def has_penalties(r: Request) -> bool:
+    return r.repetition_penalty != 1.0 or bool(r.frequency_penalty) or bool(r.presence_penalty)
+
+
 def apply_penalties(logits: torch.Tensor, r: Request, generated: list[int]) -> torch.Tensor:
     """logits [V] with repetition (prompt + output), frequency and presence (output) penalties applied."""
-    if r.repetition_penalty == 1.0 and not r.frequency_penalty and not r.presence_penalty:
+    if not has_penalties(r):
         return logits
     logits = logits.clone()
     if r.repetition_penalty != 1.0:
