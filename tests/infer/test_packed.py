@@ -7,7 +7,7 @@ import torch
 
 from commonlm.config import ModelConfig
 from commonlm.infer.engine import Engine, Request
-from commonlm.infer.packed import PackedLinear, can_pack, pack_linears
+from commonlm.infer.packed import PackedGeluMLP, PackedLinear, can_pack, pack_linears
 from commonlm.model.decoder import Decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def bf16_model(family: str) -> Decoder:
     torch.manual_seed(0)
-    extra = dict(pos_emb="learned", norm="layernorm", mlp="gelu_tanh", bias=True) if family == "gpt2" else {}
+    gpt2 = dict(pos_emb="learned", norm="layernorm", bias=True)
+    extra = {"gpt2": dict(gpt2, mlp="gelu_tanh"), "gpt2-erf": dict(gpt2, mlp="gelu")}.get(family, {})
+    family = family.split("-")[0]
     m = Decoder(ModelConfig(family=family, n_layer=2, n_head=4, d_model=64, vocab_size=192, max_seq_len=64,
                             **extra)).eval()
     with torch.no_grad():
@@ -24,11 +26,13 @@ def bf16_model(family: str) -> Decoder:
     return m.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt2-erf", "llama"])
 def test_packed_model_gives_the_same_logits(family):
     plain = bf16_model(family)
     packed = pack_linears(copy.deepcopy(plain))
     assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 4 + 1
+    fused = [m.fc.algorithm for m in packed.modules() if isinstance(m, PackedGeluMLP)]  # GELU inside the matmul
+    assert fused == {"gpt2": ["tanh"] * 2, "gpt2-erf": ["none"] * 2, "llama": []}[family]
     idx = torch.randint(0, 192, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want, got = plain(idx)[0].float(), packed(idx)[0].float()  # prefill-shaped: many rows
