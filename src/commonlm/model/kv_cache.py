@@ -1,8 +1,9 @@
 """Preallocated key/value caches for incremental decoding.
 
-Both hold one tensor pair for all layers, [n_layer, rows, n_kv_head, max_len, head_dim], and answer
-the decoder's three questions: at which positions do the new tokens sit (`positions`), store these
-keys/values and give back everything each query may see (`update`), and move on (`advance`).
+`KVCache` and `SlotKVCache` hold one tensor pair for all layers ([n_layer, rows, n_kv_head, max_len,
+head_dim]; the slot cache puts max_len before the heads). All three answer the decoder's three
+questions: at which positions do the new tokens sit (`positions`), store these keys/values and give
+back everything each query may see (`update`), and move on (`advance`).
 
 - `KVCache`: every row at the same position (single requests, equal-length batches).
 - `SlotKVCache`: one slot per request, each at its own length; a forward pass runs on any subset of
