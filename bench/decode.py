@@ -31,6 +31,7 @@ from common import load_average, machine, markdown_table, setup_threads, sync  #
 from commonlm.config import ModelConfig, RunConfig  # noqa: E402
 from commonlm.data.tokenizer import Tokenizer  # noqa: E402
 from commonlm.infer.generate import stream_ids  # noqa: E402
+from commonlm.infer.packed import can_pack, pack_linears  # noqa: E402
 from commonlm.infer.quant import quantize_model, weight_bytes  # noqa: E402
 from commonlm.model.decoder import Decoder  # noqa: E402
 from commonlm.modeldir import save_model_dir  # noqa: E402
@@ -149,16 +150,18 @@ def main() -> None:
     variants = {"fp32": model}
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     variants["bf16"] = bf16
+    if device.type == "cpu" and can_pack(bf16):  # what `generate`, `chat` and `serve` run in bf16 on CPU
+        variants["bf16 packed"] = pack_linears(copy.deepcopy(bf16))
     variants["int8 (bf16 act.)"] = quantize_model(copy.deepcopy(bf16), "int8", dtype=torch.bfloat16)
     variants["int4 g32 (bf16 act.)"] = quantize_model(copy.deepcopy(bf16), "int4", dtype=torch.bfloat16)
 
     rows, results = [], {}
     runs = [(name, m, False) for name, m in variants.items()]
     if not args.skip_compile:
-        runs += [(f"{name}, compiled", m, True) for name, m in variants.items()]
+        runs += [(f"{name}, compiled", m, True) for name, m in variants.items() if "packed" not in name]
     for name, m, compile in runs:
         ttft, step = median_runs(lambda m=m, compile=compile: time_ours(m, prompt, compile), args.runs)
-        nbytes = weight_bytes(m)
+        nbytes = weight_bytes(variants[name.split(",")[0].replace(" packed", "")])  # (packed weights are opaque)
         limit = bandwidth / nbytes
         results[name] = 1 / step
         rows.append([f"ours {name}", f"{nbytes / 1e6:.0f}", f"{1000 * ttft:.1f}", f"{1000 * step:.2f}",
@@ -173,7 +176,7 @@ def main() -> None:
                 ttft, step = median_runs(lambda hf=hf: time_hf(hf, prompt), args.runs)
                 nbytes = weight_bytes(variants[name])
                 for row in rows:
-                    if row[0] in (f"ours {name}", f"ours {name}, compiled"):
+                    if row[0] in (f"ours {name}", f"ours {name} packed", f"ours {name}, compiled"):
                         row[-1] = f"{results[row[0][5:]] * step:.2f}x"
                 rows.append([f"transformers generate() {name}", f"{nbytes / 1e6:.0f}", f"{1000 * ttft:.1f}",
                              f"{1000 * step:.2f}", f"{1 / step:.1f}", f"{bandwidth / nbytes:.0f}",
