@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # PyTorch puts tensors of 2 MiB and more in transparent huge pages when this is set (Linux; read at the
-    # first large allocation). Fewer TLB misses: int8 decoding reads its weights ~13% faster on our CPU
+    # first large allocation). Fewer TLB misses: int8 decoding ran 1.07-1.12x faster on our CPU
     # (BENCHMARKS.md). THP_MEM_ALLOC_ENABLE=0 turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
