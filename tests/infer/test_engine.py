@@ -67,6 +67,26 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model):
     assert outs[-1] == out_alone[0]
 
 
+def test_a_mixed_batch_gives_each_row_its_own_result(model):
+    # greedy rows are picked together, the others one by one: each row must still get what it gets alone
+    kinds = [dict(temperature=0), dict(temperature=0, repetition_penalty=1.5), dict(temperature=1.0, seed=11),
+             dict(temperature=0), dict(temperature=0, presence_penalty=2.0), dict(temperature=0.8, top_k=5, seed=3)]
+    ps = prompts(len(kinds), seed=5)
+    requests = [Request(p, max_tokens=10, **k) for p, k in zip(ps, kinds)]
+    alone = []
+    for r in requests:
+        engine = Engine(model, max_batch=1).start()
+        alone.append(run_all(engine, [r])[0][0])
+        engine.stop()
+    engine = Engine(model, max_batch=len(kinds)).start()
+    together, _ = run_all(engine, requests)
+    engine.stop()
+    assert together == alone
+    assert max(engine.stats.batch_sizes) == len(kinds)
+    for row in (1, 4):  # the penalties were applied, not skipped with the plain greedy rows (they change these)
+        assert alone[row] != generate_ids(model, ps[row], max_tokens=10, temperature=0.0)
+
+
 def test_stop_ids_max_len_and_errors(model):
     engine = Engine(model, max_batch=2, max_len=24).start()
     try:
