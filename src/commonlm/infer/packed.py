@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from commonlm.infer.quant import replace_linears
+from commonlm.infer.quant import replace_modules
 from commonlm.model.decoder import GeluMLP
 
 
@@ -59,8 +59,5 @@ def pack_linears(model: nn.Module) -> nn.Module:
     in place (a tied head gets its own packed copy; the embedding table stays as it is)."""
     if not can_pack(model):
         raise ValueError("packing needs a bf16 model on CPU and PyTorch built with oneDNN")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GeluMLP):
-                setattr(parent, name, PackedGeluMLP(child))
-    return replace_linears(model, PackedLinear)
+    replace_modules(model, GeluMLP, PackedGeluMLP)
+    return replace_modules(model, nn.Linear, PackedLinear)

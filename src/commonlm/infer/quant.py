@@ -112,11 +112,13 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> nn.Module:
-    """Swap each nn.Linear of `model` for `make(linear)`, in place, where that is not None."""
+def replace_modules(
+    model: nn.Module, kind: type[nn.Module], make: Callable[[nn.Module], nn.Module | None]
+) -> nn.Module:
+    """Swap each submodule of type `kind` in `model` for `make(module)`, in place, where that is not None."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and (replacement := make(child)) is not None:
+            if isinstance(child, kind) and (replacement := make(child)) is not None:
                 setattr(parent, name, replacement)
     return model
 
@@ -137,7 +139,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, dtype: tor
             linear.weight.device.type != "cuda" or int4_inner_k_tiles(linear.in_features))
         return Int4Linear(linear, group_size, dtype) if fits_int4 else None
 
-    return replace_linears(model, quantized)
+    return replace_modules(model, nn.Linear, quantized)
 
 
 def weight_bytes(model: nn.Module) -> int:

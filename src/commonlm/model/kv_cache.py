@@ -64,7 +64,7 @@ class KVCache:
         self.pos = 0
 
 
-class SlotKVCache(KVCache):
+class SlotKVCache:
     """One cache slot per sequence, each with its own length. Call `select(slots)` before a forward pass:
     row b of the batch is slot slots[b].
 
