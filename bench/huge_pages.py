@@ -44,9 +44,12 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.child)
+    variants = args.variants.split(",")
+    if unknown := set(variants) - {"bf16", "int8", "int4"}:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (choose from bf16, int8, int4)")
     print(f"{machine()}; load {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     rows = []
-    for variant in args.variants.split(","):
+    for variant in variants:
         times: dict[str, list[float]] = {"0": [], "1": []}
         for _ in range(args.rounds):
             for setting in ("0", "1"):
