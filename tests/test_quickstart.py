@@ -14,3 +14,22 @@ def test_quickstart_trains_and_improves(tmp_path, capsys):
         assert (tmp_path / "qs" / part).is_file(), part
     printed = capsys.readouterr().out
     assert printed.count("def") >= 1 and "class" in printed
+
+
+@pytest.mark.slow
+def test_quickstart_stopped_by_ctrl_c_saves_and_exits_130(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import commonlm.train.trainer as trainer
+    from commonlm.cli import main
+
+    def lr_at_and_interrupt(step, *args, **kwargs):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, *args, **kwargs)
+
+    lr_at = trainer.lr_at
+    monkeypatch.setattr(trainer, "lr_at", lr_at_and_interrupt)
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--seconds", "600"]) == 130  # not a traceback
+    assert (tmp_path / "qs" / "run" / "checkpoints" / "step_000002").is_dir()

@@ -36,7 +36,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
             text_field=args.text_field, workers=args.workers, overwrite=args.overwrite)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
+    """Exit status 0, or 130/143 when SIGINT/SIGTERM stopped the run (saved; see TrainResult.exit_status)."""
     from commonlm.config import apply_overrides, config_from_dict, load_config
     from commonlm.train.trainer import resume_config, train
 
@@ -49,8 +50,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.data:
             config.data.path = args.data
         config.validate()
-        train(config, out, resume=True, stop_at_step=args.stop_at_step)
-        return
+        return train(config, out, resume=True, stop_at_step=args.stop_at_step).exit_status
     if not args.out:
         raise UserError("train: --out RUN_DIR is required (where checkpoints and the final model go)")
     if not args.config and not args.init:
@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set or []) if args.config else load_config(None, args.set or [])
     if args.data:
         config.data.path = args.data
-    train(config, args.out, init=args.init, stop_at_step=args.stop_at_step)
+    return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -86,10 +86,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
-def cmd_quickstart(args: argparse.Namespace) -> None:
+def cmd_quickstart(args: argparse.Namespace) -> int:
     from commonlm.quickstart import quickstart
 
-    quickstart(out=args.out, train_seconds=args.seconds, overwrite=args.overwrite)
+    return quickstart(out=args.out, train_seconds=args.seconds, overwrite=args.overwrite)["exit_status"]
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)  # a verb may return an exit status (train: 130/143 when a signal stopped it)
     except UserError as e:
         if args.debug:
             raise
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (silences the flush at exit)
         return 0
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def quickstart(out: str | Path = "runs/quickstart", train_seconds: float = 240.0
     config = load_config("quickstart", budget + ["train.eval_every=200"])
     config.data.path = str(out / "data")
     result = train(config, out / "run")
+    if result.stopped_because == "signal":  # Ctrl-C: a checkpoint was saved, there is no final model to report on
+        return {"steps": result.step, "final_dir": None, "exit_status": result.exit_status}
     evals = [r for r in read_metrics(out / "run") if "val_loss" in r]
     before, after = evals[0], evals[-1]
 
@@ -61,4 +63,4 @@ def quickstart(out: str | Path = "runs/quickstart", train_seconds: float = 240.0
         print(prompt + model.generate(prompt, max_tokens=120, temperature=0.7, top_k=40, seed=i), flush=True)
     console.rule()
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Try: commonlm generate {out / 'run'} --prompt 'def '")
-    return {"before": before, "after": after, "steps": result.step, "final_dir": result.final_dir}
+    return {"before": before, "after": after, "steps": result.step, "final_dir": result.final_dir, "exit_status": 0}

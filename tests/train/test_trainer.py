@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from commonlm.train.checkpoint import latest_checkpoint, list_checkpoints
 from commonlm.train.metrics import read_metrics
 from commonlm.train.optim import lr_at
 from commonlm.train.trainer import train
+from tests.procs import LAST_RESORT_S, commonlm_cmd, run_captured, running, started, wait_for
 
 SMALL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=32",
          "train.micro_batch_size=4", "train.dtype=fp32", "train.log_every=1", "train.eval_every=0",
@@ -145,9 +145,7 @@ def test_lr_schedules():
 def _run_script(body: str, tmp_path, *args):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(body))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    return run_captured([sys.executable, str(script), *args])
 
 
 def test_sigkill_while_saving_leaves_the_previous_checkpoint(byte_data, tmp_path):
@@ -169,8 +167,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(byte_data, tmp_path
         config.data.path = {str(byte_data)!r}
         train(config, {str(run)!r}, resume=True)
     """, tmp_path)
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert latest_checkpoint(run).name == "step_000002"
     assert any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
     result = train(small_config(byte_data, "train.max_steps=4", "train.ckpt_every=2"), run, resume=True)
@@ -178,20 +175,38 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(byte_data, tmp_path
     assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_skips_the_pending_evaluation_and_saves_at_once(byte_data, tmp_path, monkeypatch, sig):
+    import commonlm.train.trainer as trainer
+
+    def lr_at_and_signal(step, *args, **kwargs):
+        if step == 4:  # during the fifth step, after which an evaluation is due
+            os.kill(os.getpid(), sig)
+        return lr_at(step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "lr_at", lr_at_and_signal)
+    config = small_config(byte_data, "train.max_steps=20", "train.eval_every=5", "train.ckpt_every=0")
+    result = train(config, tmp_path / "r")
+    assert result.stopped_because == "signal" and result.step == 5 and result.final_dir is None
+    assert [r["step"] for r in read_metrics(tmp_path / "r") if "val_loss" in r] == [0]  # none at step 5
+    assert result.stop_signal == sig and result.exit_status == 128 + sig  # 130 for SIGINT, 143 for SIGTERM
+    assert latest_checkpoint(tmp_path / "r").name == "step_000005"
+
+
 @pytest.mark.slow
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(byte_data, tmp_path):
-    run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "commonlm", "train", "--config", "tiny", "--data", str(byte_data), "--out", str(run),
-           *[a for s in SMALL + ["train.max_steps=100000", "train.ckpt_every=0"] for a in ("--set", s)]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and len(train_losses(run)) < 5:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    ckpt = latest_checkpoint(run)
-    assert ckpt is not None and not (run / "final").exists()
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_commonlm_train_stopped_by_a_signal_saves_and_exits_128_plus_the_signal(byte_data, tmp_path, sig, status):
+    run_dir, log = tmp_path / "r", tmp_path / "out.txt"
+    cmd = commonlm_cmd("train", "--config", "tiny", "--data", byte_data, "--out", run_dir,
+                       *[a for s in SMALL + ["train.max_steps=100000", "train.ckpt_every=0"] for a in ("--set", s)])
+    with open(log, "w") as sink, started(cmd, stdout=sink, stderr=subprocess.STDOUT) as proc:
+        wait_for(lambda: len(train_losses(run_dir)) >= 5, "five training steps", running(proc))  # then signal
+        proc.send_signal(sig)
+        proc.wait(timeout=LAST_RESORT_S)
+    out = log.read_text()
+    assert proc.returncode == status, out
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and not (run_dir / "final").exists()
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] >= 5 and "resume with" in out
-    assert math.isfinite(train_losses(run)[-1])
+    assert state["step"] >= 5 and "resume with" in out and "Traceback" not in out
+    assert math.isfinite(train_losses(run_dir)[-1])

@@ -47,6 +47,15 @@ class TrainResult:
     last_loss: float
     val: dict[str, float] | None
     model: Decoder  # this process's trained model (every rank's is identical under DDP)
+    stop_signal: int | None = None  # the signal that stopped this process, when stopped_because == "signal"
+
+    @property
+    def exit_status(self) -> int:
+        """What the CLI exits with: 0, or 128 + the signal (130 for SIGINT, 143 for SIGTERM), as a shell reports a
+        process killed by it, so that scripts can tell a run that was stopped (and saved) from one that finished."""
+        if self.stopped_because != "signal":
+            return 0
+        return 128 + (self.stop_signal or signal.SIGINT)  # under DDP the signal may have reached another rank only
 
 
 class _StopSignal:
@@ -54,6 +63,7 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
@@ -67,7 +77,7 @@ class _StopSignal:
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         console.print(f"\n[yellow]{signal.Signals(signum).name}: finishing this step, saving a checkpoint…[/]")
 
     def __exit__(self, *exc) -> None:
@@ -279,7 +289,8 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
 
             state["elapsed"] = elapsed_before + time.perf_counter() - t_start
             stop = None
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            # a stop request skips a pending evaluation (minutes on a large split): save and leave at once
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and not stop_requested:
                 val = run_eval(step)
                 if val is not None and cfg.patience:
                     best = state["best_val_loss"]
@@ -312,7 +323,7 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
         plot_losses(out)
         where = f"model in {final_dir}" if final_dir else f"resume with: commonlm train --resume {out}"
         console.print(f"[bold green]stopped[/] at step {state['step']} ({stopped}); {where}")
-    return TrainResult(out, final_dir, state["step"], stopped, last_loss, val, raw_model)
+    return TrainResult(out, final_dir, state["step"], stopped, last_loss, val, raw_model, stop_signal.signum)
 
 
 def _print_summary(model, config, device, dtype, world, accum, tokens_per_step, data, peak, latest) -> None:

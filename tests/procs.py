@@ -1,0 +1,61 @@
+"""Subprocesses in tests: always killed, and waited on by readiness rather than by short deadlines.
+
+On a busy machine (other processes on every core) a server may take a minute to answer and a compile many
+minutes, so a test waits for the state it needs (a log line, a file, an answer) and fails early only when the
+process it waits on has died. LAST_RESORT_S is the one wall-clock limit: only a hung test ever reaches it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+LAST_RESORT_S = 900.0
+
+
+def commonlm_cmd(*args: object) -> list[str]:
+    return [sys.executable, "-m", "commonlm", *map(str, args)]
+
+
+@contextmanager
+def started(cmd: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """Popen `cmd` in its own process group, and kill the whole group on the way out, whatever happened
+    (torchrun's workers and a server's children included)."""
+    with subprocess.Popen(cmd, start_new_session=True, **popen_kwargs) as proc:  # closes its pipes, reaps it
+        try:
+            yield proc
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group is gone already
+                pass
+
+
+def run_captured(cmd: list[str], input: str | None = None, **popen_kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with text output captured and the last-resort limit, killing the process group after."""
+    stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+    with started(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs) as proc:
+        out, err = proc.communicate(input, timeout=LAST_RESORT_S)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def wait_for(ready: Callable[[], object], what: str, alive: Callable[[], bool] = lambda: True,
+             interval: float = 0.1) -> None:
+    """Poll `ready()` until it is true. Fail at once when `alive()` turns false (the process or thread that was
+    to get there has ended), and after LAST_RESORT_S otherwise."""
+    deadline = time.monotonic() + LAST_RESORT_S
+    while not ready():
+        if not alive():
+            raise AssertionError(f"gave up waiting for {what}: the process it waited on has ended")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {LAST_RESORT_S:.0f} s")
+        time.sleep(interval)
+
+
+def running(proc: subprocess.Popen) -> Callable[[], bool]:
+    return lambda: proc.poll() is None
