@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 LAST_RESORT_S = 900.0
 
@@ -45,15 +46,21 @@ def run_captured(cmd: list[str], input: str | None = None, **popen_kwargs) -> su
 
 
 def wait_for(ready: Callable[[], object], what: str, alive: Callable[[], bool] = lambda: True,
-             interval: float = 0.1) -> None:
+             interval: float = 0.1, log: Path | None = None, limit: float = LAST_RESORT_S) -> None:
     """Poll `ready()` until it is true. Fail at once when `alive()` turns false (the process or thread that was
-    to get there has ended), and after LAST_RESORT_S otherwise."""
-    deadline = time.monotonic() + LAST_RESORT_S
+    to get there has ended), and after `limit` seconds otherwise; the end of `log` (its output) goes in the failure."""
+    deadline = time.monotonic() + limit
     while not ready():
+        why = None
         if not alive():
-            raise AssertionError(f"gave up waiting for {what}: the process it waited on has ended")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {LAST_RESORT_S:.0f} s")
+            if ready():  # it got there and then ended, between the two checks
+                return
+            why = "the process it waited on has ended"
+        elif time.monotonic() > deadline:
+            why = f"not there after {limit:.0f} s"
+        if why:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"gave up waiting for {what}: {why}\n{tail}")
         time.sleep(interval)
 
 

@@ -1,13 +1,12 @@
 """The command line end to end, as a user types it, and its answers to bad input."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from commonlm.train.checkpoint import latest_checkpoint
 from tests.conftest import synthetic_corpus
+from tests.procs import commonlm_cmd, run_captured
 
 SMALL = ["model.n_layer=2", "model.d_model=64", "model.max_seq_len=32", "train.micro_batch_size=4",
          "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4", "train.threads=1", "train.warmup_steps=2"]
@@ -15,8 +14,7 @@ SMALL = ["model.n_layer=2", "model.d_model=64", "model.max_seq_len=32", "train.m
 
 def commonlm(*args, cwd=None, check=True):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "commonlm", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env=env)
+    proc = run_captured(commonlm_cmd(*args), cwd=cwd, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -97,8 +97,9 @@ def test_compiles_when_the_ci_variable_is_set(tmp_path):
     # is how our kept `mv`/`addmv` reach it; this failed on GitHub-style CI machines. A fresh process,
     # because the fallback registry is global and an earlier test may have filled it.
     import os
-    import subprocess
     import sys
+
+    from tests.procs import run_captured
 
     code = (
         "import torch\n"
@@ -110,6 +111,6 @@ def test_compiles_when_the_ci_variable_is_set(tmp_path):
         "assert c == e, (c, e)\n"
     )
     env = {**os.environ, "CI": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = run_captured([sys.executable, "-c", code], env=env,
+                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,6 +9,7 @@ from commonlm.config import ModelConfig
 from commonlm.infer.engine import Engine, Request, apply_penalties
 from commonlm.infer.generate import generate_ids
 from commonlm.model.decoder import Decoder
+from tests.procs import LAST_RESORT_S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,7 @@ def run_all(engine, requests):
         seqs.append(engine.submit(r, on_token=outputs[i].append,
                                   on_finish=lambda reason, i=i: reasons.__setitem__(i, reason)))
     for s in seqs:
-        assert s.wait(timeout=60)
+        assert s.wait(timeout=LAST_RESORT_S)
     return outputs, reasons
 
 
@@ -112,12 +113,12 @@ def test_cancel_frees_the_slot(model):
             resume.wait(10)
 
         first = engine.submit(Request(prompts(1)[0], max_tokens=10_000, temperature=0), on_token=hold)
-        assert started.wait(30)
+        assert started.wait(LAST_RESORT_S)
         second = engine.submit(Request(prompts(1)[0], max_tokens=3, temperature=0))
         first.cancel()
         resume.set()
-        assert first.wait(30) and first.finish_reason == "cancelled"
-        assert second.wait(30) and second.finish_reason == "length"
+        assert first.wait(LAST_RESORT_S) and first.finish_reason == "cancelled"
+        assert second.wait(LAST_RESORT_S) and second.finish_reason == "length"
     finally:
         engine.stop()
 

@@ -2,7 +2,6 @@
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from commonlm.config import ModelConfig, RunConfig
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.model.decoder import Decoder
 from commonlm.serve.app import ServeSettings, create_app
+from tests.procs import wait_for
 
 API_KEY = "test-key-123"
 
@@ -43,11 +43,7 @@ class LiveServer:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
+        wait_for(lambda: self.server.started, "uvicorn to start", alive=self.thread.is_alive, interval=0.05)
         return self
 
     def __exit__(self, *exc):

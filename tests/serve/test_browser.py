@@ -6,8 +6,10 @@ import shutil
 import pytest
 
 from commonlm.serve.app import ServeSettings
+from tests.procs import LAST_RESORT_S
 from tests.serve.conftest import LiveServer
 
+LIMIT_MS = LAST_RESORT_S * 1000  # Playwright counts milliseconds
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -26,19 +28,19 @@ def test_chat_page_streams_an_answer():
                 page.goto(live.url + "/")
                 page.fill("#key", "k3y")
                 page.dispatch_event("#key", "change")
-                page.wait_for_function("document.querySelector('#model').textContent === 'tiny-web'", timeout=20_000)
+                page.wait_for_function("document.querySelector('#model').textContent === 'tiny-web'", timeout=LIMIT_MS)
                 page.fill("#max_tokens", "20")
                 page.fill("#input", "hello there")
                 page.keyboard.press("Enter")
                 page.wait_for_function(
                     "document.querySelectorAll('.msg.assistant .text').length === 1 &&"
                     "document.querySelector('.msg.assistant .text').textContent.length > 0 &&"
-                    "!document.querySelector('#send').disabled", timeout=30_000)
+                    "!document.querySelector('#send').disabled", timeout=LIMIT_MS)
                 first = page.text_content(".msg.assistant .text")
                 page.fill("#input", "and again")
                 page.click("#send")
                 page.wait_for_function("document.querySelectorAll('.msg.assistant .text').length === 2 &&"
-                                       "!document.querySelector('#send').disabled", timeout=30_000)
+                                       "!document.querySelector('#send').disabled", timeout=LIMIT_MS)
                 assert page.locator(".msg.user").count() == 2
                 assert page.locator(".msg.error").count() == 0
                 assert len(first) > 0

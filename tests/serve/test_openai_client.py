@@ -2,19 +2,19 @@
 
 import concurrent.futures
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
 from commonlm.infer.generate import SamplingParams, generate_text
+from tests.procs import LAST_RESORT_S, wait_for
 from tests.serve.conftest import API_KEY
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=LAST_RESORT_S)
 
 
 def greedy(server, prompt, n):
@@ -108,14 +108,11 @@ def test_disconnect_frees_the_slot(server):
     engine = server.app.state.engine
     body = {"model": "tiny", "prompt": "long", "max_tokens": 200, "temperature": 0.9, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=30) as r:
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=LAST_RESORT_S) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
-    deadline = time.time() + 10
-    while engine.active and time.time() < deadline:
-        time.sleep(0.02)
-    assert engine.active == 0
+    wait_for(lambda: engine.active == 0, "the slot to be freed", alive=server.thread.is_alive, interval=0.02)
 
 
 def test_health_metrics_and_page(server, client):

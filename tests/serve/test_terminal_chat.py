@@ -1,10 +1,8 @@
 """`commonlm chat` keeps a conversation, streams answers, and understands /reset and /quit."""
 
-import subprocess
-import sys
-
 from commonlm.infer.generate import SamplingParams, generate_text
 from commonlm.modeldir import save_model_dir
+from tests.procs import commonlm_cmd, run_captured
 from tests.serve.conftest import tiny_lm
 
 
@@ -12,9 +10,9 @@ def test_terminal_chat(tmp_path):
     lm = tiny_lm()
     save_model_dir(tmp_path / "m", lm.model, lm.tokenizer, lm.config)
     script = "hello\n/reset\nhello\nand then?\n/quit\nnever read\n"
-    proc = subprocess.run(
-        [sys.executable, "-m", "commonlm", "chat", tmp_path / "m", "--dtype", "fp32", "--temperature", "0",
-         "--max-tokens", "12"], input=script, capture_output=True, text=True, timeout=120,
+    proc = run_captured(
+        commonlm_cmd("chat", tmp_path / "m", "--dtype", "fp32", "--temperature", "0", "--max-tokens", "12"),
+        input=script,
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

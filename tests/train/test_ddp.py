@@ -2,7 +2,6 @@
 
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 
 from commonlm.train.metrics import read_metrics
 from commonlm.train.trainer import train
+from tests.procs import run_captured
 from tests.train.test_trainer import SMALL, small_config, train_losses
 
 STEPS = ["train.max_steps=6", "train.ckpt_every=3", "train.lr=3e-3"]
@@ -40,7 +40,7 @@ def test_two_process_ddp_keeps_ranks_identical_and_matches_single_process(byte_d
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_captured(cmd, env=env)  # torchrun's workers die with it if anything goes wrong
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
