@@ -178,8 +178,20 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
 # Building configs from dicts, YAML files, presets and dotted overrides
 
 
+def _number(text: str) -> int | float | str:
+    """'3e-4' -> 0.0003, '8' -> 8, anything else unchanged. PyYAML (YAML 1.1) reads 3e-4 as a string: it
+    wants 3.0e-4; people write 3e-4, in YAML files and in --set alike."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return text
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against a field's type hint; ints are accepted where floats are expected."""
+    """Check `value` against a field's type hint; ints are accepted where floats are expected, and strings
+    that spell a number where numbers are."""
+    if hint in (int, float) and isinstance(value, str):
+        value = _number(value.strip())
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -272,13 +284,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    # YAML reads 3e-4 as a string (it wants 3.0e-4): accept the plain float spelling too.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
-    return key.strip(), value
+    return key.strip(), _number(value) if isinstance(value, str) else value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

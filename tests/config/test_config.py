@@ -357,3 +357,18 @@ def test_save_round_trips_non_default_values(tmp_path):
     cfg.save(path)
     assert load_config(str(path)) == cfg
     assert load_config(str(path)) != RunConfig()
+
+
+def test_yaml_numbers_that_pyyaml_reads_as_strings_are_accepted(tmp_path):
+    """PyYAML reads `lr: 3e-4` as the string '3e-4' (YAML 1.1 wants 3.0e-4); it was refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  n_layer: '2'\n  rope_theta: 1e6\ntrain:\n  lr: 3e-4\n  min_lr_ratio: 1E-2\n")
+    cfg = load_config(str(path))
+    assert cfg.train.lr == 3e-4 and type(cfg.train.lr) is float and cfg.train.min_lr_ratio == 0.01
+    assert cfg.model.rope_theta == 1e6 and cfg.model.n_layer == 2 and type(cfg.model.n_layer) is int
+    path.write_text("train:\n  lr: fast\n")
+    with pytest.raises(UserError, match="train.lr='fast' must be a number"):
+        load_config(str(path))
+    path.write_text("model:\n  n_layer: 3e-4\n")
+    with pytest.raises(UserError, match="model.n_layer=0.0003 must be an integer"):
+        load_config(str(path))
