@@ -19,3 +19,15 @@ def test_single_row_bf16_matches_linear():
     fp32 = Linear(64, 48)
     row = torch.randn(1, 64)
     assert torch.equal(fp32(row), F.linear(row, fp32.weight, fp32.bias))
+
+
+def test_single_row_under_bf16_autocast_with_fp32_weights():
+    """Training evaluates in fp32 weights under bf16 autocast: a one-token last eval window (a val split of
+    k * seq_len + 2 tokens) reached the mv path with bf16 input and fp32 weights, and addmv refused the mix."""
+    torch.manual_seed(0)
+    layer = Linear(64, 48)
+    x = torch.randn(1, 1, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = layer(x.to(torch.bfloat16))
+        want = F.linear(x, layer.weight, layer.bias)
+    assert got.shape == (1, 1, 48) and torch.equal(got, want)

@@ -51,7 +51,8 @@ class Linear(nn.Linear):
     reads the weights about 1.6x faster than addmm does for a single row here (bench/decode.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # the weights too: under bf16 autocast (training's evaluation) they stay fp32, which addmv refuses
+        if x.numel() == self.in_features and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             v = x.reshape(-1)
             y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
             return y.view(*x.shape[:-1], self.out_features)
