@@ -123,6 +123,19 @@ def test_too_small_split_says_what_to_do(tmp_path, byte_dir):
     assert x.tolist() == [list(b"tiny")] and y.tolist() == [list(b"iny") + [256]]
 
 
+def test_a_missing_val_split_says_why(tmp_path, byte_dir):
+    """The advice was always "prepare with --val-fraction > 0", also to data prepared with 0.1."""
+    none = TokenData(build(tmp_path / "a", byte_dir, ["some text"], val_fraction=0))
+    with pytest.raises(UserError, match="has no 'val' split.*prepare it again with --val-fraction 0.01"):
+        list(eval_batches(none, 16, 4))
+    short = TokenData(build(tmp_path / "b", byte_dir, ["ab"], val_fraction=0.1))  # 3 tokens: none to spare
+    with pytest.raises(UserError, match="has no 'val' split.*too short to hold any out"):
+        list(eval_batches(short, 16, 4))
+    with pytest.raises(UserError, match="has no 'test' split.*choose one of those"):
+        list(eval_batches(short, 16, 4, split="test"))
+    assert TokenData(build(tmp_path / "c", byte_dir, ["one document " * 20], val_fraction=0.1)).has_split("val")
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("max_tokens", [0, 1, 100, 129, 10**9])
 def test_eval_batches_predict_every_token_once(data_dir, world, max_tokens):

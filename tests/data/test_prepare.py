@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import commonlm.data.prepare as prep
+from commonlm.data.loader import TokenData
 from commonlm.data.prepare import prepare
 from commonlm.data.tokenizer import EOT, Tokenizer
 from commonlm.errors import UserError
@@ -70,7 +72,7 @@ def test_every_document_once_with_eot_and_counts_match(tmp_path, byte_dir, docs)
     assert s.duplicates == 2 and s.parse_errors == 1 and s.documents_seen == len(docs) + 2
     index = json.loads((out / "index.json").read_text())
     assert index["format"] == "commonlm-tokens" and index["dtype"] == "uint16" and index["eot_id"] == 256
-    assert index["tokenizer_hash"] == Tokenizer.load(byte_dir).hash
+    assert index["tokenizer_hash"] == Tokenizer.load(byte_dir).hash and index["val_split"] == "documents"
     assert Tokenizer.load(out).hash == index["tokenizer_hash"]  # the data dir carries its tokenizer
     for name, split in index["splits"].items():
         assert split["tokens"] == sum(sh["tokens"] for sh in split["shards"])
@@ -115,26 +117,79 @@ def test_split_is_by_document_hash_not_input_order(tmp_path, byte_dir, make_docs
     assert rev == [d for d in docs[::-1] if d in set(rev)]
 
 
-def test_at_least_one_val_document(tmp_path, byte_dir, make_docs):
+def lands_in_val(text: str, fraction: float) -> bool:
+    """Where the split by document hash puts a document (prepare's rule: the digest's first 8 bytes)."""
+    score = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest()[:8], "little")
+    return score < fraction * 2**64
+
+
+def check_index(out: Path) -> dict:
+    """index.json agrees with the shard files, and the data loads."""
+    index = json.loads((out / "index.json").read_text())
+    for split in index["splits"].values():
+        assert split["tokens"] == sum(sh["tokens"] for sh in split["shards"])
+        assert all((out / sh["file"]).stat().st_size == 2 * sh["tokens"] for sh in split["shards"])
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(
+        sh["file"] for split in index["splits"].values() for sh in split["shards"])
+    TokenData(out)
+    return index
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_a_single_file_gets_the_asked_validation_share(tmp_path, byte_dir, fraction):
+    """One text file is one document, so by hash it all went to one side ("no val split" at 0.1 too)."""
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(300))  # ASCII: a token per byte
+    (tmp_path / "one.txt").write_text(text)
+    s = run([tmp_path / "one.txt"], byte_dir, tmp_path / "out", val_fraction=fraction)
+    total = len(text) + 1
+    assert (s.val_tokens, s.train_tokens) == (round(fraction * total), total - round(fraction * total))
+    assert (s.train_documents, s.val_documents, s.val_split) == (1, 1, "tail")
+    train, val = split_stream(tmp_path / "out", "train"), split_stream(tmp_path / "out", "val")
+    whole = np.array(list(text.encode()) + [256])
+    assert np.array_equal(np.r_[train, val], whole) or np.array_equal(np.r_[val, train], whole)  # cut once
+    index = check_index(tmp_path / "out")
+    assert index["val_split"] == "tail"
+    assert index["splits"]["train"]["bytes"] + index["splits"]["val"]["bytes"] == len(text)
+    run([tmp_path / "one.txt"], byte_dir, tmp_path / "again", val_fraction=fraction)
+    assert all((tmp_path / "again" / p.name).read_bytes() == p.read_bytes() for p in (tmp_path / "out").glob("*.bin"))
+
+
+def test_few_documents_get_the_asked_validation_share(tmp_path, byte_dir, make_docs):
     docs = make_docs(5)
+    (tmp_path / "c").mkdir()
     for i, d in enumerate(docs):
-        (tmp_path / "c").mkdir(exist_ok=True)
         (tmp_path / "c" / f"{i}.txt").write_text(d)
-    # A tiny fraction puts nothing in val by hash: one document must move there (train rewritten across shards).
+    total = sum(len(d.encode()) + 1 for d in docs)
+    # A tiny fraction puts nothing in val by hash: the last 2 tokens move there (eval needs 2), train is cut
+    # across its 64-token shards.
     s = run([tmp_path / "c"], byte_dir, tmp_path / "tiny", val_fraction=1e-12, shard_tokens=64)
-    train, val = split_docs(tmp_path / "tiny", "train"), split_docs(tmp_path / "tiny", "val")
-    assert (s.train_documents, s.val_documents) == (4, 1) and len(val) == 1
-    assert train == [d for d in docs if d != val[0]]
-    index = json.loads((tmp_path / "tiny" / "index.json").read_text())
+    assert (s.val_tokens, s.train_tokens, s.train_documents, s.val_documents) == (2, total - 2, 5, 1)
+    index = check_index(tmp_path / "tiny")
     assert all(sh["tokens"] == 64 for sh in index["splits"]["train"]["shards"][:-1])
-    # A fraction near 1 puts everything in val by hash: train still gets one.
+    assert split_stream(tmp_path / "tiny", "val")[-1] == 256
+    # A fraction near 1 puts everything in val by hash: train still gets its share (2 tokens).
     s = run([tmp_path / "c"], byte_dir, tmp_path / "huge", val_fraction=0.999999)
-    assert (s.train_documents, s.val_documents) == (1, 4)
-    # No val when asked for none, or when there is a single document.
+    assert (s.train_tokens, s.val_tokens) == (2, total - 2)
+    # No val when asked for none, or when there is too little text to hold any out.
     s = run([tmp_path / "c"], byte_dir, tmp_path / "none", val_fraction=0)
     assert s.val_documents == 0 and "val" not in json.loads((tmp_path / "none" / "index.json").read_text())["splits"]
-    s = run([tmp_path / "c" / "0.txt"], byte_dir, tmp_path / "single", val_fraction=0.5)
-    assert (s.train_documents, s.val_documents) == (1, 0)
+    (tmp_path / "ab.txt").write_text("ab")
+    s = run([tmp_path / "ab.txt"], byte_dir, tmp_path / "ab", val_fraction=0.5)
+    assert (s.train_tokens, s.val_tokens) == (3, 0)
+
+
+def test_a_large_document_in_val_is_trimmed_to_the_asked_share(tmp_path, byte_dir):
+    """By hash a big document can take far more than asked: its head stays in val, its tail goes to train."""
+    big = next(t for i in range(1000) if lands_in_val(t := f"big {i} " + "word " * 400, 0.2))
+    small = [t for i in range(1000) if not lands_in_val(t := f"small document {i}", 0.2)][:4]
+    (tmp_path / "c").mkdir()
+    for i, text in enumerate([big, *small]):
+        (tmp_path / "c" / f"{i}.txt").write_text(text)
+    total = sum(len(t) + 1 for t in [big, *small])
+    s = run([tmp_path / "c"], byte_dir, tmp_path / "out", val_fraction=0.2)
+    assert (s.val_tokens, s.val_split) == (round(0.2 * total), "tail")
+    assert split_docs(tmp_path / "out", "train")[:4] == small  # then the big document's tail
+    check_index(tmp_path / "out")
 
 
 def test_shards_roll_over_at_shard_tokens(tmp_path, byte_dir, docs):

@@ -76,10 +76,13 @@ class TokenData:
 
     def _need(self, split: str) -> None:
         if split not in self._shards:
-            raise UserError(
-                f"data: {self.path} has no '{split}' split (it has: {', '.join(self._shards) or 'none'}); "
-                "prepare with --val-fraction > 0 for a validation split"
-            )
+            # prepare holds out validation tokens whenever asked to, unless the text has under 4 tokens
+            asked = (self.index.get("source") or {}).get("val_fraction")
+            how = ("choose one of those" if split != "val"
+                   else "its text was too short to hold any out: add text" if asked
+                   else "prepare it again with --val-fraction 0.01 for a validation split")
+            raise UserError(f"data: {self.path} has no '{split}' split (it has: {', '.join(self._shards) or 'none'}); "
+                            f"{how}")
 
     def tokens(self, split: str) -> int:
         """Total tokens in a split."""

@@ -4,6 +4,8 @@ Worker processes (each with its own tokenizer, loaded from file) read, clean, ha
 source items. The main process takes their results *in item order*, drops exact duplicates, puts each
 document in train or val by its hash, and appends its tokens (plus end-of-text) to that split's shards.
 So the output depends only on the inputs: never on the number of workers or how they were scheduled.
+When the hash split misses the asked validation share by more than 2x (a few documents, or one file), the
+tail of one split moves to the other until validation holds that share of the tokens (`_rebalance`).
 No torch import here: spawned workers must start fast.
 """
 
@@ -24,14 +26,14 @@ import numpy as np
 
 from commonlm.data.sources import SourceItem, SourceStats, list_items, no_documents_error, read_item, split_items
 from commonlm.data.tokenizer import Tokenizer
-from commonlm.errors import UserError
+from commonlm.errors import UserError, already_exists
 from commonlm.utils import atomic_dir, atomic_write_json, console, human
 
 FORMAT, VERSION = "commonlm-tokens", 1
 GROUP_BYTES = 8 << 20  # at most this much input per unit of work sent to a worker
 MIN_GROUP_BYTES = 256 << 10  # and at least this much, so per-task overhead stays small
 ENCODE_CHARS = 1 << 20  # text per encode_batch call inside a worker (bounds its memory)
-COPY_TOKENS = 1 << 24  # chunk size when shards are rewritten
+MOVE_TOKENS = 1 << 20  # chunk size when tokens move between splits (decoded to count their bytes)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -51,8 +53,9 @@ class PrepareSummary:
     input_bytes: int
     train_documents: int
     train_tokens: int
-    val_documents: int
+    val_documents: int  # documents wholly or partly in the split (a tail split cuts one in two)
     val_tokens: int
+    val_split: str  # "documents" (by hash) or "tail" (rebalanced, see _rebalance)
     seconds: float
     workers: int
 
@@ -168,8 +171,7 @@ def _group(items: list[SourceItem], target: int) -> list[list[SourceItem]]:
 
 @dataclass
 class _Split:
-    """One split being written: its shards, counts, and the document nearest the split boundary (the
-    one to move if the other split ends up empty): (score, offset, ntokens, nbytes)."""
+    """One split being written: its shards and counts."""
 
     directory: Path
     name: str
@@ -179,7 +181,6 @@ class _Split:
     tokens: int = 0
     documents: int = 0
     bytes: int = 0
-    edge: tuple[int, int, int, int] | None = None
     _file: object = None
     _left: int = 0
 
@@ -219,52 +220,65 @@ class _Split:
             pos += shard["tokens"]
         return np.concatenate(parts) if parts else np.empty(0, self.dtype)
 
-    def remove(self, start: int, length: int) -> np.ndarray:
-        """Cut tokens [start, start+length) out of the split, rewriting its shards; returns them."""
-        removed = self.read(start, length)
-        old = []
-        for shard in self.shards:
-            path = self.directory / shard["file"]
-            old.append((path.rename(path.with_name(".old-" + shard["file"])), shard["tokens"]))
-        self.shards, self.tokens = [], 0
-        pos = 0
-        for path, n in old:
-            mm = np.memmap(path, dtype=self.dtype, mode="r")
-            for lo, hi in ((pos, min(pos + n, start)), (max(pos, start + length), pos + n)):
-                for a in range(lo, hi, COPY_TOKENS):
-                    self.write(np.array(mm[a - pos : min(a + COPY_TOKENS, hi) - pos]))
-            del mm
-            path.unlink()
-            pos += n
+    def truncate(self, keep: int) -> None:
+        """Drop every token after the first `keep`, shortening or deleting shard files."""
         self.close()
-        return removed
+        shards, pos = [], 0
+        for shard in self.shards:
+            path, n = self.directory / shard["file"], min(shard["tokens"], keep - pos)
+            if n <= 0:
+                path.unlink()
+                continue
+            if n < shard["tokens"]:
+                os.truncate(path, n * self.dtype.itemsize)
+                shard["tokens"] = n
+            shards.append(shard)
+            pos += n
+        self.shards, self.tokens = shards, pos
 
     def summary(self) -> dict:
         return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
 
 
-def _add(split: _Split, chunk: _Chunk, mask: np.ndarray, nearest_low: bool) -> None:
-    """Append the chunk's documents selected by `mask` to `split`, and track its boundary document."""
-    idx = np.flatnonzero(mask)
-    if idx.size == 0:
-        return
-    ntok = chunk.ntokens[idx]
-    offsets = split.tokens + np.cumsum(ntok) - ntok
-    scores = chunk.scores[idx]
-    j = int(np.argmin(scores) if nearest_low else np.argmax(scores))  # the first one on ties
-    edge = (int(scores[j]), int(offsets[j]), int(ntok[j]), int(chunk.nbytes[idx[j]]))
-    if split.edge is None or (edge[0] < split.edge[0] if nearest_low else edge[0] > split.edge[0]):
-        split.edge = edge
+def _add(split: _Split, chunk: _Chunk, mask: np.ndarray) -> None:
+    """Append the chunk's documents selected by `mask` to `split`."""
     split.write(chunk.tokens[np.repeat(mask, chunk.ntokens)])
-    split.documents += int(idx.size)
-    split.bytes += int(chunk.nbytes[idx].sum())
+    split.documents += int(mask.sum())
+    split.bytes += int(chunk.nbytes[mask].sum())
 
 
-def _move_edge(src: _Split, dst: _Split) -> None:
-    _, offset, ntokens, nbytes = src.edge
-    dst.write(src.remove(offset, ntokens))
-    src.documents, src.bytes = src.documents - 1, src.bytes - nbytes
-    dst.documents, dst.bytes = dst.documents + 1, dst.bytes + nbytes
+def _rebalance(train: _Split, val: _Split, fraction: float, tok: Tokenizer) -> bool:
+    """Make validation hold `fraction` of the tokens when the split by document hash is far off (more than 2x
+    either way) or left train empty: a single file is one document, so by hash it all went to one side.
+    The tail of the split with too much moves to the other, cut mid-document if need be; the order of the
+    input decides which tokens, so the result stays deterministic. Returns whether anything moved."""
+    total = train.tokens + val.tokens
+    # eval needs 2 tokens; training needs some too; below 4 tokens there is no val split at all
+    target = min(max(2, round(fraction * total)), total - 2) if fraction > 0 and total >= 4 else 0
+    if train.tokens and target / 2 <= val.tokens <= 2 * target:
+        return False
+    if val.tokens < target:
+        _move_tail(train, val, target - val.tokens, tok)
+    else:
+        _move_tail(val, train, val.tokens - target, tok)
+    return True
+
+
+def _move_tail(src: _Split, dst: _Split, n: int, tok: Tokenizer) -> None:
+    """Move the last `n` tokens of `src` to the end of `dst`, with their documents and bytes. A document cut
+    in two counts in both splits; the bytes of the moved part come from decoding it (a character cut
+    between chunks counts as U+FFFD: at most a few bytes off, for bits per byte)."""
+    start = src.tokens - n
+    cut = start > 0 and src.read(start - 1, 1)[0] != tok.eot_id  # the split keeps a document's head
+    eots, nbytes = 0, 0
+    for a in range(start, src.tokens, MOVE_TOKENS):
+        part = src.read(a, min(MOVE_TOKENS, src.tokens - a))
+        dst.write(part)
+        eots += int((part == tok.eot_id).sum())
+        nbytes += len(tok.decode(part.tolist(), skip_special=True).encode("utf-8"))
+    src.truncate(start)
+    src.documents, src.bytes = src.documents - eots + int(cut), src.bytes - nbytes
+    dst.documents, dst.bytes = dst.documents + eots, dst.bytes + nbytes
 
 
 class _Progress:
@@ -314,7 +328,7 @@ def prepare(
         raise UserError(f"data: shard_tokens={shard_tokens} must be at least 1")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UserError(f"data: {out} already exists; pass --overwrite to replace it, or choose another --out")
+        raise already_exists("data", out)
     tok = Tokenizer.load(tokenizer_path)
     items = list_items(inputs, include)
     if out.exists():
@@ -344,15 +358,12 @@ def prepare(
                             seen.add(key)
                     duplicates += int((~keep).sum())
                     is_val = chunk.scores < threshold
-                    _add(train, chunk, keep & ~is_val, nearest_low=True)
-                    _add(val, chunk, keep & is_val, nearest_low=False)
+                    _add(train, chunk, keep & ~is_val)
+                    _add(val, chunk, keep & is_val)
                     bar.update(chunk.size, stats.documents)
             if train.documents + val.documents == 0:
                 raise no_documents_error(inputs, include, text_field)
-            if train.documents == 0:  # train always gets something
-                _move_edge(val, train)
-            if val_fraction > 0 and val.documents == 0 and train.documents >= 2:  # and val too when asked
-                _move_edge(train, val)
+            val_split = "tail" if _rebalance(train, val, val_fraction, tok) else "documents"
             train.close()
             val.close()
             seconds = time.perf_counter() - t0
@@ -364,6 +375,7 @@ def prepare(
                 "eot_id": tok.eot_id,
                 "tokenizer_hash": tok.hash,
                 "splits": {s.name: s.summary() for s in (train, val) if s.tokens > 0},
+                "val_split": val_split,
                 "stats": {
                     "documents_seen": stats.documents,
                     "duplicates": duplicates,
@@ -380,12 +392,12 @@ def prepare(
             tok.save(tmp)
             atomic_write_json(tmp / "index.json", index)
     except FileExistsError as e:  # `out` appeared while we worked
-        raise UserError(f"data: {out} already exists; pass --overwrite to replace it, or choose another --out") from e
+        raise already_exists("data", out) from e
     summary = PrepareSummary(
         out=str(out), documents_seen=stats.documents, duplicates=duplicates, decode_errors=stats.decode_errors,
         skipped_empty=stats.skipped_empty, skipped_binary=stats.skipped_binary, parse_errors=stats.parse_errors,
         input_bytes=stats.input_bytes, train_documents=train.documents, train_tokens=train.tokens,
-        val_documents=val.documents, val_tokens=val.tokens, seconds=seconds, workers=workers,
+        val_documents=val.documents, val_tokens=val.tokens, val_split=val_split, seconds=seconds, workers=workers,
     )  # fmt: skip
     console.print(_describe(summary))
     return summary
@@ -394,9 +406,11 @@ def prepare(
 def _describe(s: PrepareSummary) -> str:
     skipped = [f"{n} {what}" for n, what in ((s.skipped_empty, "empty"), (s.skipped_binary, "binary"),
                                              (s.parse_errors, "unparseable records")) if n]  # fmt: skip
-    val = f", val {human(s.val_tokens)} tokens ({s.val_documents} docs)" if s.val_documents else ", no val split"
+    val = f", val {human(s.val_tokens)} tokens ({s.val_documents} docs)" if s.val_tokens else ", no val split"
+    if s.val_tokens and s.val_split == "tail":
+        val += " held out from the end, as the documents were too few or too unequal to split by document"
     return (
-        f"Prepared {s.out}: {s.train_documents + s.val_documents} documents "
+        f"Prepared {s.out}: {s.documents_seen - s.duplicates} documents "
         f"({s.duplicates} duplicates dropped, {s.decode_errors} with decode errors"
         f"{', skipped ' + ', '.join(skipped) if skipped else ''}); "
         f"train {human(s.train_tokens)} tokens ({s.train_documents} docs){val}. "

@@ -193,6 +193,10 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
     metrics = Metrics(out, cfg.max_steps, state["step"], enabled=world.is_main)
     if world.is_main:
         _print_summary(raw_model, config, device, dtype, world, accum, tokens_per_step, data, peak, latest)
+        if not data.has_split("val"):
+            console.print(f"[yellow]warning: {data.path} has no validation split, so this run measures no validation "
+                          "loss and cannot stop early; prepare the data with --val-fraction 0.01 for one[/]",
+                          soft_wrap=True)
 
     def run_eval(step: int) -> dict[str, float] | None:
         if not data.has_split("val"):
