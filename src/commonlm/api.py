@@ -3,6 +3,7 @@
     from commonlm import load, load_config, pretrain
     m = load("runs/x")                     # a run directory, its final/ model, or any checkpoint
     print(m.generate("def ", max_tokens=50))
+    print(m.chat([{"role": "user", "content": "hello"}], max_tokens=50))
     result = pretrain(load_config("tiny", ["train.max_steps=100"]), data="data/", out="runs/y")
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from commonlm.config import RunConfig
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
+from commonlm.infer.chat import fit_conversation
 from commonlm.infer.generate import SamplingParams, stream_text
 from commonlm.model.decoder import Decoder
 from commonlm.modeldir import MODEL_FILES, has_weights, load_model_dir
@@ -51,6 +53,18 @@ class LanguageModel:
 
     def generate(self, prompt: str, compile: bool = False, **sampling) -> str:
         return "".join(self.stream(prompt, compile=compile, **sampling))
+
+    def stream_chat(self, messages: list[dict[str, str]], compile: bool = False, **sampling) -> Iterator[str]:
+        """The assistant's reply to `messages` ([{"role": "user", "content": ...}, ...]) as it is generated.
+        Message text is plain text (it can never forge a turn); the oldest turns are left out when the
+        conversation no longer fits the context (a system prompt stays)."""
+        params = SamplingParams(**sampling)
+        fitted = fit_conversation(self.tokenizer, messages, self.model.config.max_seq_len, params.max_tokens)
+        params.max_tokens = fitted.max_tokens
+        return stream_text(self.model, self.tokenizer, fitted.ids, params, compile=compile)
+
+    def chat(self, messages: list[dict[str, str]], compile: bool = False, **sampling) -> str:
+        return "".join(self.stream_chat(messages, compile=compile, **sampling))
 
     def evaluate(self, data: str | Path, split: str = "val", max_tokens: int = 0, batch_size: int = 16):
         from commonlm.data.loader import TokenData

@@ -86,6 +86,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
+def _note_if_cut(lm, prompt: str, max_tokens: int) -> None:
+    """Say so (stderr) when the model's context leaves room for fewer new tokens than --max-tokens asks."""
+    from commonlm.utils import console
+
+    context = lm.model.config.max_seq_len
+    prompt_tokens = min(max(1, len(lm.tokenizer.encode(prompt))), context - 1)  # as stream_text keeps it
+    room = context - prompt_tokens + 1  # stream_ids samples the last one from the context's last position
+    if max_tokens > room:
+        console.print(f"note: --max-tokens {max_tokens} cut to {room}: the model's context is {context} tokens "
+                      f"and the prompt takes {prompt_tokens}", soft_wrap=True)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from commonlm.quickstart import quickstart
 
@@ -140,12 +152,13 @@ def _inference_model(args: argparse.Namespace):
     return lm, dtype
 
 
-def _model_name(lm) -> str:
-    return lm.path.parent.name if lm.path.name == "final" else lm.path.name
+def _model_name(path: Path) -> str:
+    return path.parent.name if path.name == "final" else path.name
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from commonlm.serve.app import ServeSettings, serve
+    from commonlm.api import resolve_model_path
+    from commonlm.serve.app import LOOPBACK_HOSTS, ServeSettings, serve
     from commonlm.utils import console
 
     api_key = None
@@ -153,27 +166,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not api_key:
         console.print(f"[yellow]warning: serving on {args.host} without an API key (see --api-key-env)[/]")
-    lm, dtype = _inference_model(args)
+    path = resolve_model_path(args.model)
     settings = ServeSettings(
-        model_name=args.name or _model_name(lm), api_key=api_key, max_batch=args.max_batch,
+        model_name=args.name or _model_name(path), api_key=api_key, max_batch=args.max_batch,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_queue=args.max_queue,
         timeout_s=args.timeout,
+        # without a key on this machine only: answer only requests addressed to it by name (DNS rebinding)
+        allowed_hosts=LOOPBACK_HOSTS if loopback and not api_key else (),
     )
-    console.print(f"serving {lm.path} as '{settings.model_name}' ({str(dtype).replace('torch.', '')}"
-                  f"{', ' + args.quantize if args.quantize else ''}) on http://{args.host}:{args.port}/")
-    serve(lm, settings, args.host, args.port)
+    def load():
+        lm, dtype = _inference_model(args)
+        console.print(f"serving {lm.path} as '{settings.model_name}' ({str(dtype).replace('torch.', '')}"
+                      f"{', ' + args.quantize if args.quantize else ''}) on http://{args.host}:{args.port}/")
+        return lm
+
+    console.print(f"loading {path} (http://{args.host}:{args.port}/ answers 503 until it is ready)")
+    serve(load, settings, args.host, args.port)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from commonlm.infer.chat import fit_conversation
     from commonlm.infer.generate import SamplingParams, stream_text
 
     lm, _ = _inference_model(args)
+    context = lm.model.config.max_seq_len
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print(f"chatting with {lm.path}; /reset starts over, /quit leaves", flush=True)
+    print(f"chatting with {lm.path}; /reset starts over, /quit leaves, Ctrl-C stops a reply", flush=True)
     while True:
         try:
             line = input("you> ")
@@ -188,15 +211,30 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        try:
+            fitted = fit_conversation(lm.tokenizer, messages, context, args.max_tokens)
+        except UserError as e:
+            messages.pop()
+            print(f"({e})", flush=True)
+            continue
+        if fitted.dropped:
+            messages = messages[:1] + messages[1 + fitted.dropped:] if args.system else messages[fitted.dropped:]
+            print(f"(left out the {fitted.dropped} oldest messages to fit the context of {context} tokens)",
+                  flush=True)
+        if fitted.max_tokens < args.max_tokens:
+            print(f"(the reply can take {fitted.max_tokens} tokens before the context of {context} is full)",
+                  flush=True)
+        params = SamplingParams(max_tokens=fitted.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed)
         sys.stdout.write("model> ")
         answer = []
-        for piece in stream_text(lm.model, lm.tokenizer, prompt, params, compile=args.compile):
-            answer.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in stream_text(lm.model, lm.tokenizer, fitted.ids, params, compile=args.compile):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stops this reply; the conversation goes on with what was said
+            sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(answer)})
 

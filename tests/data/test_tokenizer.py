@@ -59,7 +59,8 @@ def test_autotokenizer_gives_the_same_ids(tok_dir, samples):
     tok = Tokenizer.load(tok_dir)
     hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     for text in samples:
-        assert hf.encode(text, add_special_tokens=False) == tok.encode(text), repr(text)
+        assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == tok.encode(text), repr(text)
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text, allow_special=True), repr(text)
         assert hf.decode(tok.encode(text)) == text
     assert hf.eos_token_id == tok.eot_id
     assert hf.pad_token_id == tok.pad_id

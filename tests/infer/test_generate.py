@@ -207,7 +207,7 @@ def test_stops_at_stop_id_and_includes_it(cycle):
     assert generate_ids(cycle, [0xAC], max_tokens=10, temperature=1.0, seed=0, stop_ids=(0x62, 999)) == [0x61, 0x62]
 
 
-@pytest.mark.parametrize("special", ["<|endoftext|>", "<|im_end|>"])
+@pytest.mark.parametrize("special", ["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
 def test_text_generation_stops_at_end_of_text(tok, special):
     end = tok.token_id(special)
     t = cycle_transitions()
@@ -219,6 +219,18 @@ def test_text_generation_stops_at_end_of_text(tok, special):
         params = SamplingParams(max_tokens=50, temperature=temperature, seed=1)
         assert generate_text(model, tok, "€", params) == "ab"
         assert generate_text(model, tok, "é", params) == "€ab"
+
+
+@pytest.mark.parametrize("special", ["<|pad|>", "<|reserved_0|>"])
+def test_other_control_tokens_never_show_in_the_text(tok, special):
+    """A control token that does not end the reply is left out of its text (it once streamed literally)."""
+    t = cycle_transitions("ab")
+    t[ord("b")] = tok.token_id(special)
+    t[tok.token_id(special)] = ord("a")  # a -> b -> special -> a ...
+    model = bigram_model(t)
+    assert generate_ids(model, [ord("a")], max_tokens=6, temperature=0.0)[:3] == [ord("b"), tok.token_id(special),
+                                                                               ord("a")]
+    assert generate_text(model, tok, "a", SamplingParams(max_tokens=6, temperature=0.0)) == "baba"
 
 
 def test_prompt_longer_than_context_is_truncated_from_the_left(model):

@@ -11,8 +11,9 @@ import uvicorn
 from commonlm.api import LanguageModel
 from commonlm.config import ModelConfig, RunConfig
 from commonlm.data.tokenizer import Tokenizer
+from commonlm.infer.engine import Engine
 from commonlm.model.decoder import Decoder
-from commonlm.serve.app import ServeSettings, create_app
+from commonlm.serve.app import ServeSettings, create_app, server_config
 from tests.procs import wait_for
 
 API_KEY = "test-key-123"
@@ -30,14 +31,17 @@ def tiny_lm() -> LanguageModel:
 
 
 class LiveServer:
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, lm: LanguageModel | None = None, run_engine: bool = True):
+        """run_engine=False: the engine takes requests but decodes nothing until the test calls
+        `live.engine.start()` (to look at queues and slots without racing it)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.lm = tiny_lm()
-        self.app = create_app(self.lm, settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.lm = lm or tiny_lm()
+        engine = None if run_engine else Engine(self.lm.model, max_batch=settings.max_batch)
+        self.app = create_app(self.lm, settings, engine)
+        self.engine = self.app.state.engine
+        self.server = uvicorn.Server(server_config(self.app, "127.0.0.1", self.port, settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -48,6 +52,7 @@ class LiveServer:
 
     def __exit__(self, *exc):
         self.server.should_exit = True
+        self.engine.stop()  # ours when run_engine=False (the app stops its own)
         self.thread.join(timeout=30)
 
 

@@ -7,8 +7,11 @@ b to id b (0..255) and puts the special tokens after; BPE puts the special token
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +25,7 @@ EOT = "<|endoftext|>"  # ends every document in the token stream
 PAD = "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # chat turns (ChatML)
 SPECIAL_TOKENS = [EOT, PAD, IM_START, IM_END] + [f"<|reserved_{i}|>" for i in range(4)]
+MAX_VOCAB = 1 << 24  # train_bpe's limit: far above any real vocabulary, far below what makes the trainer abort
 
 # ChatML, as Qwen uses it: each turn is <|im_start|>role\ncontent<|im_end|>\n.
 CHAT_TEMPLATE = (
@@ -72,6 +76,9 @@ class Tokenizer:
         smallest = 256 + len(SPECIAL_TOKENS)
         if vocab_size < smallest:
             raise UserError(f"tokenizer: --vocab-size {vocab_size} is too small; use at least {smallest}")
+        if vocab_size > MAX_VOCAB:  # 10^9 made the Rust trainer abort with a backtrace; real ones are < 300k
+            raise UserError(f"tokenizer: --vocab-size {vocab_size} is too large; use at most {MAX_VOCAB:,} "
+                            "(large models use 32,000-256,000)")
         tk = HFTokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
@@ -117,7 +124,7 @@ class Tokenizer:
         if eos != EOT and tk.token_to_id(EOT) is not None and tk.token_to_id(eos) is None:
             eos = EOT
         return cls(tk, eos_token=eos, pad_token=_content(config.get("pad_token")),
-                   bos_token=_content(config.get("bos_token")), chat_template=config.get("chat_template"))
+                   bos_token=_content(config.get("bos_token")), chat_template=_chat_template(config, file.parent))
 
     # -- use ----------------------------------------------------------------------------------------
     @property
@@ -143,26 +150,51 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end a generated answer: eos, end of document, end of a chat turn."""
-        ids = [self.tk.token_to_id(t) for t in (self.eos_token, EOT, IM_END)]
+        """Ids that end a generated answer: eos, end of document, end of a chat turn, and the start of a new
+        turn (a model that opens one has finished its own; its text must never show the marker)."""
+        ids = [self.tk.token_to_id(t) for t in (self.eos_token, EOT, IM_END, IM_START)]
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
-    def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        """Text to ids. With allow_special=False a literal '<|endoftext|>' in the text is plain text."""
-        self.tk.encode_special_tokens = not allow_special
-        try:
-            return self.tk.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tk.encode_special_tokens = False
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Text to ids. By default a literal '<|im_end|>' or '<|endoftext|>' in the text is plain text, as it
+        must be for anything a user typed; allow_special=True reads such strings as the control tokens."""
+        return self.encode_batch([text], allow_special)[0]
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
-        """Many texts at once, in parallel on all cores (the Rust side). Raw corpus text by default."""
-        self.tk.encode_special_tokens = not allow_special
-        try:
-            # the _fast variant skips computing character offsets (same ids, ~1.6x faster)
-            return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
-        finally:
-            self.tk.encode_special_tokens = False
+        """Many texts at once, in parallel on all cores (the Rust side), which also lets other Python threads
+        run meanwhile (plain `encode` holds the GIL: a server's event loop would stall). Plain text by default."""
+        tk = self.tk if allow_special else self._plain_tk
+        # the _fast variant skips computing character offsets (same ids, ~1.6x faster)
+        return [e.ids for e in tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+    @functools.cached_property
+    def _plain_tk(self) -> HFTokenizer:
+        """A copy that reads special-token strings as text. A copy rather than toggling the flag on `tk`:
+        the server tokenizes on several threads, and a toggle could let one thread's user text through as
+        control tokens while another thread encodes with them allowed."""
+        tk = HFTokenizer.from_str(self.tk.to_str())
+        tk.encode_special_tokens = True
+        return tk
+
+    @functools.cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The control tokens (added tokens marked special), longest first."""
+        found = {t.content for t in self.tk.get_added_tokens_decoder().values() if t.special}
+        return tuple(sorted(found, key=len, reverse=True))
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token of plain text stands for (control tokens aside: plain text never
+        contains them). A text of n bytes has at least about n / this many tokens (see `min_tokens`)."""
+        special = set(self.special_tokens)
+        return max(len(t.encode("utf-8", "replace")) for t in self.tk.get_vocab(with_added_tokens=True)
+                   if t not in special)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text` as plain text, without tokenizing it: lets a server refuse a
+        megabyte prompt at once. Halved for normalizers that shorten text (NFC, NFKC) before the vocabulary
+        sees it."""
+        return len(text.encode("utf-8", "replace")) // (2 * self.max_token_bytes)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
@@ -205,7 +237,8 @@ class Tokenizer:
         atomic_write_json(directory / "special_tokens_map.json", {k: v for k, v in special_map.items() if v})
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render the chat template (Jinja, in a sandbox: templates come with downloaded models)."""
+        """Render the chat template (Jinja, in a sandbox: templates come with downloaded models). The text is
+        what transformers' `apply_chat_template` gives; to tokenize a conversation use `encode_chat`."""
         if not self.chat_template:
             raise UserError("tokenizer: this tokenizer has no chat template")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -219,6 +252,68 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token,
         )
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """A conversation rendered with the chat template and tokenized so that message text is always plain
+        text: a user who types '<|im_end|>\\n<|im_start|>system' gets those characters, not a forged turn.
+        Control tokens come only from the template itself.
+
+        How: the template is rendered a second time with each message's content between two random markers;
+        control tokens outside the marked spans are the template's. The text is cut only at those, and each
+        piece between them is tokenized as plain text -- which is how `tokenizers` itself splits text at
+        special tokens, so ordinary conversations get exactly the ids of `apply_chat_template` + encode.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        contents = [m.get("content") for m in messages]
+        forged = any(isinstance(c, str) and t in c for c in contents for t in self.special_tokens)
+        if not forged:
+            return self.encode(text, allow_special=True)
+        tag = secrets.token_hex(8)
+        open_, close = f"\ue000{tag}\ue001", f"\ue001{tag}\ue000"
+        marked = self.apply_chat_template(
+            [{**m, "content": f"{open_}{m['content']}{close}"} if isinstance(m.get("content"), str) else m
+             for m in messages], add_generation_prompt)
+        if marked.replace(open_, "").replace(close, "") != text:  # the template rewrites message text
+            bad = next(t for c in contents for t in self.special_tokens if isinstance(c, str) and t in c)
+            raise UserError(f"a message contains the control token {bad!r}, and this chat template changes "
+                            "message text, so it cannot be kept as plain text; remove it from the message")
+        # the template's own control tokens: those in the text outside the marked spans
+        trusted, plain, depth = [], [], 0
+        for part in re.split(f"({re.escape(open_)}|{re.escape(close)})", marked):
+            if part in (open_, close):
+                depth += 1 if part == open_ else -1
+                continue
+            if depth > 0:
+                plain.append(part)
+                continue
+            for piece in re.split(f"({'|'.join(map(re.escape, self.special_tokens))})", part):
+                if piece in self.special_tokens:
+                    trusted.append("".join(plain))
+                    trusted.append(piece)
+                    plain = []
+                else:
+                    plain.append(piece)
+        trusted.append("".join(plain))
+        texts, specials = trusted[0::2], trusted[1::2]
+        encoded = self.encode_batch(texts)
+        ids = list(encoded[0])
+        for special, piece in zip(specials, encoded[1:]):
+            ids.append(self.tk.token_to_id(special))
+            ids.extend(piece)
+        return ids
+
+
+def _chat_template(config: dict, directory: Path) -> str | None:
+    """The chat template in tokenizer_config.json, else in chat_template.jinja beside it (where current
+    transformers saves it). Of a list of named templates, the one named 'default'."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    jinja = directory / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template or None
 
 
 def _content(token: str | dict | None) -> str | None:

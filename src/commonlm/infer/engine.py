@@ -124,7 +124,14 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return self.queued()
+
+    def queued(self, extra: int = 0) -> int:
+        """Requests that wait for a slot: those the free slots cannot take at the next step (with `extra` more
+        submitted). Requests whose client went away do not count."""
+        with self.lock:
+            waiting = sum(1 for seq in self.waiting if not seq.cancelled) + extra
+            return max(0, waiting - len(self.free_slots))
 
     @property
     def active(self) -> int:
@@ -185,11 +192,12 @@ class Engine:
 
     def _admit(self) -> None:
         with self.lock:
+            if any(seq.cancelled for seq in self.waiting):  # abandoned while queued: gone before taking a slot
+                for seq in [s for s in self.waiting if s.cancelled]:
+                    self._finish(seq, "cancelled")
+                self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
             while self.waiting and self.free_slots:
                 seq = self.waiting.popleft()
-                if seq.cancelled:
-                    self._finish(seq, "cancelled")
-                    continue
                 seq.slot = self.free_slots.pop(0)
                 self.cache.free(seq.slot)
                 self.running.append(seq)

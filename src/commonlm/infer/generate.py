@@ -2,28 +2,45 @@
 
 `sample_next` is the per-step sampler (temperature, top-k, top-p) shared with the batched engine;
 `stream_ids` yields token ids one at a time; `stream_text` turns them into text pieces that are
-safe to print (no half UTF-8 characters) and stops at stop strings without printing them.
+safe to print (no half UTF-8 characters, no control tokens) and stops at stop strings without printing them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from commonlm.data.tokenizer import Tokenizer
+from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 
 
 @dataclass
 class SamplingParams:
+    """What to sample. Checked when made, so the CLI and the Python API refuse the same bad values with
+    the same one-line UserError (a negative top_k reached torch.topk; a negative temperature was greedy)."""
+
     max_tokens: int = 200
     temperature: float = 0.8  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", self.max_tokens, self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature >= 0,
+             "must be >= 0 (0: greedy)"),
+            ("top_k", self.top_k, self.top_k >= 0, "must be >= 0 (0: off)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1] (1: off)"),
+        ]  # fmt: skip
+        for name, value, ok, why in checks:
+            if not ok:
+                raise UserError(f"sampling: {name}={value!r} (--{name.replace('_', '-')}) {why}")
 
 
 def sample_next(
@@ -123,14 +140,17 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self._decode()
         if text.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
         return self._take(text, final=False)
 
     def finish(self) -> str:
         """The held-back rest, once no more tokens will come."""
-        return "" if self.stopped else self._take(self.tokenizer.decode(self.ids), final=True)
+        return "" if self.stopped else self._take(self._decode(), final=True)
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special=True)  # control tokens never show as text
 
     def _take(self, text: str, final: bool) -> str:
         hits = [h for h in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if h >= 0]
@@ -145,14 +165,27 @@ class TextStream:
         return piece
 
 
+def start_id(tokenizer: Tokenizer) -> int:
+    """The token an empty prompt stands for: the tokenizer's beginning-of-text token where it has one, else
+    end-of-text, which precedes every document in our training streams (so what follows starts a document)."""
+    bos = tokenizer.token_id(tokenizer.bos_token) if tokenizer.bos_token else None
+    return bos if bos is not None else tokenizer.eot_id
+
+
 def stream_text(
-    model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams, compile: bool = False
+    model: Decoder, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams, compile: bool = False
 ) -> Iterator[str]:
-    """Yield printable text pieces of the continuation of `prompt`, stopping before any stop string."""
+    """Yield printable text pieces of the continuation of `prompt`, stopping before any stop string.
+
+    A text prompt is plain text: '<|endoftext|>' in it is those characters, not the control token. Give
+    token ids (`Tokenizer.encode(text, allow_special=True)`, `Tokenizer.encode_chat`) for anything else."""
     stop_ids = tokenizer.stop_ids
     text = TextStream(tokenizer, params.stop)
+    prompt_ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt)
+    if not prompt_ids:  # an empty prompt: a text from its very beginning
+        prompt_ids = [start_id(tokenizer)]
     token_stream = stream_ids(
-        model, tokenizer.encode(prompt), max_tokens=params.max_tokens, temperature=params.temperature,
+        model, prompt_ids, max_tokens=params.max_tokens, temperature=params.temperature,
         top_k=params.top_k, top_p=params.top_p, seed=params.seed, stop_ids=stop_ids, compile=compile,
     )
     for token in token_stream:
@@ -168,5 +201,6 @@ def stream_text(
         yield piece
 
 
-def generate_text(model: Decoder, tokenizer: Tokenizer, prompt: str, params: SamplingParams | None = None) -> str:
+def generate_text(model: Decoder, tokenizer: Tokenizer, prompt: str | list[int],
+                  params: SamplingParams | None = None) -> str:
     return "".join(stream_text(model, tokenizer, prompt, params or SamplingParams()))
