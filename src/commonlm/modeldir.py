@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from commonlm.config import RunConfig, config_from_dict
+from commonlm.config import ModelConfig, RunConfig, config_from_dict
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.interop import hf
@@ -144,6 +144,7 @@ def load_model_dir(
         raise UserError(f"{directory}: not a model directory (missing {', '.join(missing)})")
     config, _ = read_run_config(directory)
     tokenizer = Tokenizer.load(directory)
+    check_vocab(tokenizer, config.model, directory)
     model = Decoder(config.model)
     tensors = read_weights(directory)
     try:
@@ -152,6 +153,17 @@ def load_model_dir(
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{directory}: weights do not match commonlm.yaml ({str(e).splitlines()[0][:200]})") from e
     return model.to(device), tokenizer, config
+
+
+def check_vocab(tokenizer: Tokenizer, model: ModelConfig, where: str | Path) -> None:
+    """Refuse a tokenizer with ids past the embedding table (say, tokenizer.json replaced after training):
+    generation crashed with an IndexError at the first such id."""
+    if tokenizer.vocab_size > model.vocab_size:
+        raise UserError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {model.vocab_size}; "
+            "this tokenizer.json is not the one the model was made with (restore that one, e.g. from a checkpoint "
+            "or the prepared data directory)"
+        )
 
 
 def _unwrap(model: torch.nn.Module) -> Decoder:

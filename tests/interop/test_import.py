@@ -104,3 +104,33 @@ def test_continue_pretraining_an_imported_model(tmp_path):
     direct = evaluate(imported, TokenData(tmp_path / "data"), 32, max_tokens=config.train.eval_tokens)
     assert first_eval["step"] == 0 and first_eval["val_loss"] == pytest.approx(direct.loss, abs=1e-5)
     assert result.model.config.family == "qwen3" and result.final_dir is not None
+
+
+def test_import_keeps_a_chat_template_saved_as_chat_template_jinja(tmp_path):
+    """Current transformers saves the template in chat_template.jinja, not in tokenizer_config.json: import
+    dropped it (chat then failed, and the GGUF had none)."""
+    make_reference("qwen3", tmp_path / "hf")
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    hf_tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    hf_tok.save_pretrained(tmp_path / "hf")
+    if not (tmp_path / "hf" / "chat_template.jinja").is_file():
+        pytest.skip("this transformers keeps the template in tokenizer_config.json")
+    assert not json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text()).get("chat_template")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    _, tok, _ = load_model_dir(tmp_path / "ours")
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(messages) == hf_tok.apply_chat_template(messages, tokenize=False) == "[user] hi\n"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").chat_template == hf_tok.chat_template
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    """Ids past the embedding table crashed generation with an IndexError; refuse at import and at load."""
+    make_reference("llama", tmp_path / "hf")  # 264 embedding rows, a byte tokenizer of 264 tokens
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    bigger = Tokenizer.train_bpe(["def f(x):\n    return x + 1\n", "the quick brown fox"] * 20, vocab_size=300)
+    for directory in (tmp_path / "hf", tmp_path / "ours"):
+        bigger.save(directory)
+    with pytest.raises(UserError, match=r"tokenizer has 29\d tokens but the model embeds only 264"):
+        import_hf(tmp_path / "hf", tmp_path / "again")
+    with pytest.raises(UserError, match=r"ours: the tokenizer has 29\d tokens but the model embeds only 264"):
+        load_model_dir(tmp_path / "ours")

@@ -19,7 +19,7 @@ from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.interop.hf import from_hf, hf_incompatibility
 from commonlm.model.decoder import Decoder
-from commonlm.modeldir import read_weights, save_model_dir
+from commonlm.modeldir import check_vocab, read_weights, save_model_dir
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
@@ -95,6 +95,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     model_config.validate()
     assert hf_incompatibility(model_config) is None, hf_incompatibility(model_config)
     tokenizer = Tokenizer.load(src)
+    check_vocab(tokenizer, model_config, src)
     tensors = {k: v.float() for k, v in read_weights(src).items()}
     tensors = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     model = Decoder(model_config)
