@@ -102,3 +102,22 @@ def test_gguf_refuses_a_native_architecture(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
     with pytest.raises(UserError, match="needs merges"):
         export_gguf(_model("llama"), Tokenizer.byte_level(), tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_export_replaces_a_file_atomically_and_leaves_no_temp_files(fmt, tmp_path):
+    """Exporting onto a directory crashed after the work and left `.NAME.tmp` behind."""
+    pytest.importorskip({"onnx": "onnxscript", "gguf": "gguf"}[fmt])
+    from commonlm.interop.gguf_export import export_gguf
+    from commonlm.interop.onnx_export import export_onnx
+
+    model, tok = _model("llama"), _bpe()
+    export = (lambda out: export_onnx(model, out)) if fmt == "onnx" else (lambda out: export_gguf(model, tok, out))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        export(tmp_path / "taken")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and not any((tmp_path / "taken").iterdir())
+    (tmp_path / f"m.{fmt}").write_text("old")
+    export(tmp_path / f"m.{fmt}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"m.{fmt}", "taken"]
+    assert (tmp_path / f"m.{fmt}").stat().st_size > 1000

@@ -19,6 +19,7 @@ from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.interop.hf import hf_incompatibility, to_hf
 from commonlm.model.decoder import Decoder
+from commonlm.utils import atomic_file
 
 QUANTS = ("f32", "f16", "q8_0")
 
@@ -93,16 +94,9 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
         raise UserError(f"export: GGUF needs a standard architecture; {hf_incompatibility(c)}")
     arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[c.family])
     names = gguf.get_tensor_name_map(arch, c.n_layer)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_file(out) as tmp:
         _write(gguf, str(tmp), arch, names, c, model, tok, quant, name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out)
-    return out
+    return Path(out)
 
 
 def _write(gguf, tmp: str, arch, names, c, model: Decoder, tok: Tokenizer, quant: str, name: str) -> None:

@@ -8,6 +8,8 @@ Needs the `onnx` and `onnxscript` packages (`pip install "commonlm[onnx]"`).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -35,18 +37,21 @@ def export_onnx(model: Decoder, out: str | Path) -> Path:
     except ImportError as e:
         raise UserError(f"export: ONNX needs the '{e.name}' package (pip install onnx onnxscript)") from e
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
     example = torch.zeros(2, min(8, model.config.max_seq_len), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=model.config.max_seq_len)
-    tmp = out.with_name(f".{out.name}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _LogitsOnly(model), (example,), input_names=["input_ids"], output_names=["logits"],
             dynamic_shapes={"input_ids": {0: batch, 1: seq}}, dynamo=True, opset_version=OPSET, verbose=False,
         )
-        program.save(str(tmp))
-    tmp.replace(out)
+        # Saved under its final name in a temporary directory, since over 2 GB the weights go to a second file
+        # that the graph names; then moved beside `out`, the graph last. A failure leaves nothing behind.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".tmp-{out.name}-") as tmp:
+            program.save(str(Path(tmp) / out.name))
+            for file in sorted(Path(tmp).iterdir(), key=lambda f: f.name == out.name):
+                os.replace(file, out.parent / file.name)
     return out
