@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from commonlm import __version__
-from commonlm.errors import UserError
+from commonlm.errors import UserError, already_exists
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -20,13 +20,27 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from commonlm.data.tokenizer import Tokenizer
     from commonlm.utils import console
 
+    out = Path(args.out)
+    # A model's weights and a prepared data directory's shards are only meaningful with their own tokenizer:
+    # a new one there breaks them (generate crashed with an IndexError), so --overwrite does not apply.
+    owner = next((f for f in ("commonlm.yaml", "config.json", "index.json") if (out / f).is_file()), None)
+    if owner:
+        raise UserError(f"tokenizer train: {out} holds {owner}: its {'data' if owner == 'index.json' else 'model'} "
+                        "belongs to the tokenizer there; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"tokenizer train: --out {out} is a file; give a directory")
+    if (out / "tokenizer.json").exists() and not args.overwrite:
+        raise already_exists("tokenizer train", out / "tokenizer.json")
     if args.kind == "byte":
         tok = Tokenizer.byte_level()
     else:
         texts = iter_texts(args.input, include=args.include, text_field=args.text_field)
         tok = Tokenizer.train_bpe(texts, vocab_size=args.vocab_size)
-    tok.save(args.out)
-    console.print(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens, saved to {args.out}/tokenizer.json")
+    tok.save(out)
+    console.print(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens, saved to {out}/tokenizer.json")
+    if tok.kind == "bpe" and tok.vocab_size < args.vocab_size:
+        console.print(f"note: asked for {args.vocab_size} tokens, but the corpus only supports {tok.vocab_size} "
+                      "(no more pairs occur twice); more text gives more", soft_wrap=True)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
@@ -41,12 +55,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from commonlm.config import apply_overrides, config_from_dict, load_config
     from commonlm.train.trainer import resume_config, train
 
+    overrides = [item for group in args.set or [] for item in group]  # --set a=1 b=2 --set c=3
     if args.resume:
         if args.config:
             raise UserError("--resume takes the config saved in the run; drop --config (use --set to change values)")
         out = Path(args.resume)
         config = resume_config(out)
-        config = config_from_dict(apply_overrides(config.to_dict(), args.set or []))
+        config = config_from_dict(apply_overrides(config.to_dict(), overrides))
         if args.data:
             config.data.path = args.data
         config.validate()
@@ -55,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("train: --out RUN_DIR is required (where checkpoints and the final model go)")
     if not args.config and not args.init:
         raise UserError("train: --config PRESET_OR_YAML is required (see `commonlm presets`)")
-    config = load_config(args.config, args.set or []) if args.config else load_config(None, args.set or [])
+    config = load_config(args.config, overrides)
     if args.data:
         config.data.path = args.data
     return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status
@@ -71,9 +86,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    m, _ = _inference_model(args)
+    from commonlm.infer.generate import SamplingParams
+
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, stop=args.stop or [])
+    SamplingParams(**sampling)  # bad values are refused before the model loads
+    if args.num_samples < 1:
+        raise UserError(f"generate: --num-samples {args.num_samples} must be at least 1")
+    m, _ = _inference_model(args)
+    _note_if_cut(m, args.prompt, args.max_tokens)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}", flush=True)
@@ -116,6 +137,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from commonlm.api import load
     from commonlm.utils import console
 
+    out = Path(args.out)  # checked before the work, which takes a while
+    if out.is_dir():
+        raise UserError(f"export: --out {out} is a directory; give a file name, e.g. {out / ('model.' + args.format)}")
+    if out.exists() and not args.overwrite:
+        raise already_exists("export", out)
     m = load(args.model, device="cpu")
     if args.format == "onnx":
         from commonlm.interop.onnx_export import export_onnx
@@ -256,11 +282,33 @@ def cmd_presets(args: argparse.Namespace) -> None:
               f"{PRESET_DIR / name}.yaml")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, except where there is none to show (None, a switch's False)
+    or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _VerbParser(argparse.ArgumentParser):
+    """The parser of every verb: its help shows defaults, and it takes --debug after the verb too (users type
+    it at the end); SUPPRESS keeps the verb from resetting a --debug given before it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show full tracebacks for errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="commonlm", description="Build your own language model: raw text to a model.")
     p.add_argument("--version", action="version", version=f"commonlm {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_VerbParser)
 
     def inputs(q: argparse.ArgumentParser) -> None:
         q.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -269,28 +317,30 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
 
     def sampling(q: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-        q.add_argument("--max-tokens", type=int, default=max_tokens)
+        q.add_argument("--max-tokens", type=int, default=max_tokens, help="the most new tokens (the context may cap)")
         q.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
-        q.add_argument("--top-k", type=int, default=50)
-        q.add_argument("--top-p", type=float, default=0.95)
-        q.add_argument("--seed", type=int)
+        q.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0: off)")
+        q.add_argument("--top-p", type=float, default=0.95,
+                       help="sample among the likeliest tokens holding this much probability, in (0, 1] (1: off)")
+        q.add_argument("--seed", type=int, help="random seed, for repeatable samples (default: none)")
         q.add_argument("--compile", action="store_true",
                        help="compile the decode step: seconds once, then faster tokens (long outputs)")
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     t = tok.add_parser("train", help="train a byte-level BPE tokenizer (or make a byte tokenizer)")
-    t.add_argument("--kind", choices=["bpe", "byte"], default="bpe")
+    t.add_argument("--kind", choices=["bpe", "byte"], default="bpe", help="byte-level BPE, or plain bytes")
     inputs(t)
-    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (a small corpus gives fewer)")
     t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     t.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="action", required=True)
     d = data.add_parser("prepare", help="tokenize text into token shards")
     inputs(d)
     d.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
-    d.add_argument("--out", required=True)
-    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--out", required=True, help="new directory for the token shards")
+    d.add_argument("--val-fraction", type=float, default=0.01, help="share of the tokens held out for validation")
     d.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     d.set_defaults(func=cmd_data_prepare)
@@ -299,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="preset name (see `commonlm presets`) or YAML file")
     tr.add_argument("--data", help="prepared data directory")
     tr.add_argument("--out", help="run directory")
-    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=3e-4")
+    tr.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
+                    help="override config values, e.g. --set train.lr=3e-4 model.n_layer=6")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     tr.add_argument("--init", metavar="MODEL_DIR", help="start from the weights of a model directory")
     tr.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
@@ -308,29 +359,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte")
     ev.add_argument("model", help="run directory, model directory or checkpoint")
     ev.add_argument("--data", required=True, help="prepared data directory")
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--split", default="val", help="val or train")
     ev.add_argument("--max-tokens", type=int, default=0, help="evaluate only this many tokens (0: all)")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ev.set_defaults(func=cmd_eval)
 
     def inference(q: argparse.ArgumentParser) -> None:
         q.add_argument("model", help="run directory, model directory or checkpoint")
-        q.add_argument("--device", default="auto")
+        q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         q.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                        help="weights in memory (auto: bf16 where the hardware does it natively)")
         q.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
 
     g = sub.add_parser("generate", help="sample text from a model")
     inference(g)
-    g.add_argument("--prompt", default="\n")
+    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline; '': from the start of a text)")
     sampling(g, max_tokens=200, temperature=0.8)
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
-    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--num-samples", type=int, default=1, help="samples to draw (seeds SEED, SEED+1, ...)")
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quickstart", help="train a small model on this Python's standard library (a few minutes)")
-    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--out", default="runs/quickstart", help="directory for everything it makes")
     q.add_argument("--seconds", type=float, default=240.0, help="training time budget")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run")
     q.set_defaults(func=cmd_quickstart)
@@ -342,15 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a model to ONNX or GGUF (llama.cpp)")
     ex.add_argument("model", help="run directory, model directory or checkpoint")
-    ex.add_argument("--format", choices=["onnx", "gguf"], required=True)
+    ex.add_argument("--format", choices=["onnx", "gguf"], required=True, help="ONNX (forward pass) or GGUF (llama.cpp)")
     ex.add_argument("--out", required=True, help="output file")
     ex.add_argument("--quant", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     inference(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="port to bind")
     sv.add_argument("--api-key-env", metavar="VAR", help="require the API key held in this environment variable")
     sv.add_argument("--name", help="model name in the API (default: the run's name)")
     sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")

@@ -1,6 +1,7 @@
 """The command line end to end, as a user types it, and its answers to bad input."""
 
 import os
+import subprocess
 
 import pytest
 
@@ -140,3 +141,179 @@ def test_help_lists_every_verb():
     out = commonlm("--help").stdout
     for verb in ("tokenizer", "data", "train", "eval", "generate", "quickstart", "presets"):
         assert verb in out
+
+
+# -- bad input answered in one line, also by the Python API (in this process: torch is imported once) -------
+
+
+@pytest.fixture
+def cli(capsys):
+    """`commonlm ARGS` run by main() in this process, as a CompletedProcess (generate's grad mode restored)."""
+    import torch
+
+    from commonlm.cli import main
+
+    def run(*args):
+        grad = torch.is_grad_enabled()
+        try:
+            status = main([str(a) for a in args])
+        finally:
+            torch.set_grad_enabled(grad)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, status, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A model directory with random weights: a 32-token context, a byte tokenizer."""
+    import torch
+
+    from commonlm.config import ModelConfig, RunConfig
+    from commonlm.data.tokenizer import Tokenizer
+    from commonlm.model.decoder import Decoder
+    from commonlm.modeldir import save_model_dir
+
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=1, n_head=2, d_model=32, vocab_size=320, max_seq_len=32)
+    return save_model_dir(tmp_path_factory.mktemp("tiny") / "model", Decoder(config), Tokenizer.byte_level(),
+                          RunConfig(model=config))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--top-k", -3], "top_k=-3 (--top-k) must be >= 0"),  # was a traceback from torch.topk
+    (["--temperature", -1], "temperature=-1.0 (--temperature) must be >= 0"),  # was silently greedy
+    (["--top-p", 1.5], "top_p=1.5 (--top-p) must be in (0, 1]"),  # was accepted
+    (["--top-p", 0], "top_p=0.0 (--top-p) must be in (0, 1]"),
+    (["--max-tokens", 0], "max_tokens=0 (--max-tokens) must be at least 1"),
+    (["--max-tokens", -5], "max_tokens=-5"),
+    (["--num-samples", 0], "--num-samples 0 must be at least 1"),
+])
+def test_generate_refuses_bad_sampling_values(cli, tiny_model, flags, needle):
+    assert_one_line_error(cli("generate", tiny_model, *flags), needle)
+
+
+def test_the_python_api_refuses_the_same_sampling_values(tiny_model):
+    from commonlm.api import load
+    from commonlm.errors import UserError
+
+    m = load(tiny_model, device="cpu")
+    with pytest.raises(UserError, match=r"top_k=-3 \(--top-k\) must be >= 0"):
+        m.generate("a", top_k=-3)
+    with pytest.raises(UserError, match="temperature"):
+        list(m.stream("a", temperature=-0.5))
+
+
+def test_an_empty_prompt_starts_a_text_and_long_outputs_say_where_they_stop(cli, tiny_model):
+    from commonlm.api import load
+    from commonlm.infer.generate import start_id, stream_ids
+
+    proc = cli("generate", tiny_model, "--prompt", "", "--max-tokens", 100000, "--temperature", 0, "--dtype", "fp32")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr  # an empty prompt was a traceback
+    assert "note: --max-tokens 100000 cut to 32: the model's context is 32 tokens and the prompt takes 1" in proc.stderr
+    m = load(tiny_model, device="cpu")  # the note's count is what decoding gives
+    assert start_id(m.tokenizer) == m.tokenizer.eot_id  # no bos token: end-of-text stands before every document
+    assert len(list(stream_ids(m.model, [start_id(m.tokenizer)], max_tokens=100000, stop_ids=()))) == 32
+    assert "note:" not in cli("generate", tiny_model, "--prompt", "ab", "--max-tokens", 31).stderr
+    assert "cut to 31" in cli("generate", tiny_model, "--prompt", "ab", "--max-tokens", 32).stderr
+
+
+def test_tokenizer_train_never_silently_replaces_a_tokenizer(cli, tmp_path, tiny_model):
+    corpus = synthetic_corpus(tmp_path / "corpus", n_docs=5)
+    tok = tmp_path / "tok"
+    assert cli("tokenizer", "train", "--kind", "byte", "--input", corpus, "--out", tok).returncode == 0
+    before = (tok / "tokenizer.json").read_text()
+    assert_one_line_error(cli("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--out", tok),
+                          "tokenizer.json already exists", "--overwrite")
+    assert (tok / "tokenizer.json").read_text() == before
+    replaced = cli("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--out", tok, "--overwrite")
+    assert replaced.returncode == 0
+    assert (tok / "tokenizer.json").read_text() != before
+    # a model directory's tokenizer belongs to its weights: not even --overwrite replaces it
+    before = (tiny_model / "tokenizer.json").read_text()
+    assert_one_line_error(cli("tokenizer", "train", "--input", corpus, "--out", tiny_model, "--overwrite"),
+                          "holds commonlm.yaml", "choose another --out")
+    assert (tiny_model / "tokenizer.json").read_text() == before
+
+
+def test_tokenizer_vocab_size_limits_are_said(cli, tmp_path):
+    corpus = synthetic_corpus(tmp_path / "corpus", n_docs=5)
+    proc = cli("tokenizer", "train", "--input", corpus, "--vocab-size", 10**9, "--out", tmp_path / "a")
+    assert_one_line_error(proc, "--vocab-size 1000000000 is too large", "16,777,216")  # was a Rust abort
+    proc = cli("tokenizer", "train", "--input", corpus, "--vocab-size", 100000, "--out", tmp_path / "b")
+    assert proc.returncode == 0
+    assert "note: asked for 100000 tokens, but the corpus only supports" in proc.stderr
+
+
+def test_a_model_with_a_replaced_tokenizer_is_refused(cli, tmp_path, tiny_model):
+    """A bigger tokenizer.json in a model directory made generate crash with an IndexError."""
+    import shutil
+
+    from commonlm.data.tokenizer import Tokenizer
+
+    shutil.copytree(tiny_model, tmp_path / "model")
+    bigger = Tokenizer.byte_level()
+    bigger.tk.add_tokens([f"w{i}" for i in range(100)])
+    bigger.save(tmp_path / "model")
+    assert_one_line_error(cli("generate", tmp_path / "model"), "the tokenizer has 364 tokens",
+                          "the model embeds only 320")
+
+
+def test_export_checks_its_output_first(cli, tmp_path, tiny_model):
+    (tmp_path / "model.gguf").write_text("mine")
+    assert_one_line_error(cli("export", tiny_model, "--format", "gguf", "--out", tmp_path / "model.gguf"),
+                          "already exists", "--overwrite")
+    assert (tmp_path / "model.gguf").read_text() == "mine"
+    (tmp_path / "dir").mkdir()  # was a crash after the work, leaving a temp file behind
+    assert_one_line_error(cli("export", tiny_model, "--format", "onnx", "--out", tmp_path / "dir"), "is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "model.gguf"]
+
+
+def test_several_values_per_set_and_debug_after_the_verb(cli, tmp_path, prepared):
+    from commonlm.errors import UserError
+
+    args = ("train", "--config", "tiny", "--data", prepared / "data", "--out", tmp_path / "r",
+            "--set", "train.lr=1e-3", "train.lrr=1")  # the form README shows; was 'unrecognized arguments'
+    assert_one_line_error(cli(*args), "unknown key 'train.lrr'")
+    with pytest.raises(UserError, match="train.lrr"):  # --debug after the verb: the traceback, not one line
+        cli(*args, "--debug")
+
+
+def test_resume_on_other_data_and_init_from_a_run(cli, tmp_path, prepared):
+    run, corpus = tmp_path / "run", prepared / "corpus"
+    assert cli("train", "--config", "tiny", "--data", prepared / "data", "--out", run,
+               *sets(*SMALL, "train.max_steps=4"), "--stop-at-step", 2).returncode == 0
+    cli("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--out", tmp_path / "bpe")
+    cli("data", "prepare", "--input", corpus, "--tokenizer", tmp_path / "bpe", "--out", tmp_path / "bpe-data",
+        "--workers", 1)
+    # 300 BPE tokens fit the run's 320 rows: this trained on, silently (more tokens gave advice on vocab_size=0)
+    assert_one_line_error(cli("train", "--resume", run, "--data", tmp_path / "bpe-data"),
+                          "was prepared with another tokenizer than the run's", "--tokenizer")
+    # --init takes a run directory, as every other verb does; data with no validation split is warned about
+    cli("data", "prepare", "--input", corpus, "--tokenizer", prepared / "tok", "--out", tmp_path / "no-val",
+        "--val-fraction", 0, "--workers", 1)
+    proc = cli("train", "--init", run, "--data", tmp_path / "no-val", "--out", tmp_path / "run2",
+               *sets(*SMALL, "train.max_steps=1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: " + str(tmp_path / "no-val") + " has no validation split" in proc.stderr
+
+
+def test_help_shows_every_default():
+    import argparse
+
+    from commonlm.cli import build_parser
+
+    def verbs(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for verb, child in action.choices.items():
+                    yield from verbs(child, f"{name} {verb}")
+        yield name, parser
+
+    for name, parser in verbs(build_parser(), "commonlm"):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                shown = action.help and "default" in action.help or f"(default: {action.default})" in text
+                assert shown, f"{name} {action.option_strings[0]}"

@@ -148,12 +148,18 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
     latest = ckpt.latest_checkpoint(out) if resume else None
     if resume and latest is None:
         raise UserError(f"--resume: no checkpoint in {out}/checkpoints; start a fresh run without --resume")
+    if latest is not None and Tokenizer.load(latest).hash != tokenizer.hash:  # say, --data pointed elsewhere
+        raise UserError(f"--resume {out}: the data in {data.path} was prepared with another tokenizer than the run's; "
+                        f"resume on the run's own data, or prepare this text again with --tokenizer {latest}")
     if not resume and (ckpt.latest_checkpoint(out) or (out / "final").exists()):
         raise UserError(f"{out} already holds a run; continue it with --resume, or choose another --out")
 
     # -- model -------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if init is not None:
+        from commonlm.api import resolve_model_path
+
+        init = resolve_model_path(init)  # a model directory, or a run (its final/ model or newest checkpoint)
         model, init_tok, _ = load_model_dir(init)
         if init_tok.hash != tokenizer.hash:
             raise UserError(f"--init {init}: its tokenizer differs from the data's; prepare the data with {init}")
