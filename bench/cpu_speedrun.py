@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine, markdown_table, setup_threads  # noqa: E402
@@ -36,6 +35,7 @@ from common import load_average, machine, markdown_table, setup_threads  # noqa:
 from commonlm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from commonlm.data.tokenizer import Tokenizer  # noqa: E402
 from commonlm.model.decoder import Decoder  # noqa: E402
+from commonlm.model.loss import lm_loss  # noqa: E402
 from commonlm.runtime import autocast, pick_device, pick_dtype  # noqa: E402
 from commonlm.train.optim import lr_at, make_optimizer  # noqa: E402
 from commonlm.train.trainer import resolve_vocab  # noqa: E402
@@ -68,7 +68,7 @@ def val_loss(model: Decoder, val: torch.Tensor, context: int, batch: int, device
     for x, y in chunks:
         with autocast(device, dtype):
             logits, _ = model(x.to(device))
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").double().cpu()
+        total += lm_loss(logits, y.to(device), reduction="sum").double().cpu()
     model.train()
     return total.item() / predicted
 
@@ -160,7 +160,7 @@ def main() -> None:
         ix = torch.randint(len(train) - args.context - 1, (args.batch,), device=device)
         xy = train[ix[:, None] + offsets]
         with autocast(device, dtype):
-            _, loss = model(xy[:, :-1], xy[:, 1:])
+            loss = lm_loss(model(xy[:, :-1])[0], xy[:, 1:])
         loss.backward()
         loss_acc += loss.item()
         loss_n += 1

@@ -35,6 +35,7 @@ from common import human, load_average, machine, markdown_table, median, setup_t
 from commonlm.config import RunConfig, load_config  # noqa: E402
 from commonlm.data.tokenizer import Tokenizer  # noqa: E402
 from commonlm.model.decoder import Decoder  # noqa: E402
+from commonlm.model.loss import lm_loss  # noqa: E402
 from commonlm.runtime import autocast, pick_device, pick_dtype  # noqa: E402
 from commonlm.train.metrics import measure_peak_flops  # noqa: E402
 from commonlm.train.optim import lr_at, make_optimizer  # noqa: E402
@@ -145,7 +146,7 @@ def our_step(config: RunConfig, batch: int, seq: int, device: torch.device, dtyp
         x = torch.randint(0, vocab, (batch, seq), device=device)
         y = torch.randint(0, vocab, (batch, seq), device=device)
         with autocast(device, dtype):
-            _, loss = run(x, y)
+            loss = lm_loss(run(x)[0], y)
         loss.backward()
         loss.detach().item()
         if cfg.grad_clip > 0:

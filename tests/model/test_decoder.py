@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from commonlm.config import ModelConfig
 from commonlm.model.decoder import Decoder
 from commonlm.model.kv_cache import KVCache, StaticKVCache
+from commonlm.model.loss import lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,8 +192,8 @@ def test_longer_than_max_seq_len_raises(name):
             model(tokens(1, limit + 1))
         cache = model.new_cache(batch_size=1)
         model(tokens(1, limit - 1), cache=cache)
-        with pytest.raises(ValueError, match="max_seq_len"):
-            model(tokens(1, 2), cache=cache)
+        with pytest.raises(ValueError, match=f"KV cache full: {limit + 1} positions > max_len={limit}"):
+            model(tokens(1, 2), cache=cache)  # the cache checks its own room
 
 
 # -- loss ---------------------------------------------------------------------------------------------------
@@ -203,9 +204,10 @@ def test_loss_is_cross_entropy_of_the_logits(name):
     model = make(name)
     idx, targets = tokens(3, 12, seed=5), tokens(3, 12, seed=6)
     with torch.no_grad():
-        logits, loss = model(idx, targets)
-        no_loss = model(idx)[1]
-    assert no_loss is None
+        logits, aux = model(idx)
+        loss = lm_loss(logits, targets)
+    assert aux == {}  # today's models add no auxiliary losses
+    assert torch.equal(lm_loss(logits, targets, reduction="sum") / targets.numel(), loss)
     expected = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
     assert loss.shape == () and loss.dtype == torch.float32
     assert torch.allclose(loss, expected, atol=1e-6)
@@ -223,8 +225,8 @@ def test_loss_ignores_minus_100_targets(name):
     ignored[1, 9:] = True
     masked = targets.masked_fill(ignored, -100)
     with torch.no_grad():
-        logits, loss = model(idx, masked)
-        _, loss_all = model(idx, targets)
+        logits, _ = model(idx)
+    loss, loss_all = lm_loss(logits, masked), lm_loss(logits, targets)
     nll = -logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     assert torch.allclose(loss, nll[~ignored].mean(), atol=1e-5)  # mean over the kept positions only
     assert not torch.allclose(loss, loss_all, atol=1e-4)
@@ -236,7 +238,7 @@ def test_loss_ignores_minus_100_targets(name):
 def _loss_and_grads(model: Decoder, idx, targets, seed: int):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    _, loss = model(idx, targets)
+    loss = lm_loss(model(idx)[0], targets)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -290,7 +292,7 @@ def test_tied_embeddings_share_storage(name):
     assert torch.all(model.lm_head.weight[3] == 0.5)
     # gradients from both uses land on the one tensor
     model.train()
-    _, loss = model(tokens(1, 8), tokens(1, 8, seed=2))
+    loss = lm_loss(model(tokens(1, 8))[0], tokens(1, 8, seed=2))
     loss.backward()
     assert model.lm_head.weight.grad is model.embed.weight.grad
     names = [n for n, _ in model.named_parameters()]
@@ -455,3 +457,40 @@ def test_grouped_query_equals_multi_head_with_shared_kv_weights(n_kv_head):
     idx = tokens(2, 14)
     with torch.no_grad():
         assert (gqa(idx)[0] - mha(idx)[0]).abs().max() < 1e-5
+
+
+# -- seams ------------------------------------------------------------------------------------------------
+
+
+class BalancedMLP(torch.nn.Module):
+    """A stand-in for a mixture-of-experts MLP: its output, and an auxiliary loss beside it."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.inner = mlp
+
+    def forward(self, x):
+        return self.inner(x), {"balance": x.pow(2).mean()}
+
+
+def test_auxiliary_losses_of_blocks_reach_the_caller_summed():
+    model = make("llama-gqa")
+    idx = tokens(2, 8)
+    with torch.no_grad():
+        logits, aux = model(idx)
+        for block in model.blocks:
+            block.mlp = BalancedMLP(block.mlp)
+        logits2, aux2 = model(idx)
+    assert aux == {} and torch.equal(logits, logits2)
+    assert set(aux2) == {"balance"} and aux2["balance"] > 0
+    model.activation_checkpointing = True  # the checkpointed path carries them too
+    model.train()
+    assert torch.allclose(model(idx)[1]["balance"], aux2["balance"])
+
+
+def test_the_cache_holds_what_attention_declares():
+    model = make("llama-gqa")
+    cache = model.new_cache(batch_size=2, max_len=16)
+    heads, dim = model.blocks[0].attn.cache_shape
+    assert (heads, dim) == (model.config.kv_heads, model.config.dim_head)
+    assert cache.k.shape == (model.config.n_layer, 2, heads, 16, dim)

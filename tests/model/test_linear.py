@@ -1,9 +1,9 @@
-"""The matrix-vector path of our Linear computes what nn.Linear computes."""
+"""The matrix-vector path of kernels.MatVecLinear computes what nn.Linear computes."""
 
 import torch
 import torch.nn.functional as F
 
-from commonlm.model.decoder import Linear
+from commonlm.kernels import MatVecLinear as Linear
 
 
 def test_single_row_bf16_matches_linear():

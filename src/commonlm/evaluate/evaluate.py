@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from commonlm.data.loader import TokenData, eval_batches
+from commonlm.model.loss import lm_loss
 from commonlm.runtime import autocast
-from commonlm.train.distributed import World, all_reduce_sum
+from commonlm.world import World, all_reduce_sum
 
 
 @dataclass
@@ -54,8 +54,7 @@ def evaluate(
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-        total[0] += loss.double()
+        total[0] += lm_loss(logits, y, reduction="sum").double()
         total[1] += y.numel()
     all_reduce_sum(total, world)
     model.train(was_training)

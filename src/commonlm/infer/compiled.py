@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from commonlm.errors import UserError
+from commonlm.kernels import use_matvec
 from commonlm.model.decoder import Decoder
 from commonlm.model.kv_cache import StaticKVCache
 
@@ -96,6 +97,7 @@ def compiled_decode_step(model: Decoder) -> DecodeStep:
     here); what they would have caught, this model changed in place (quantized, cast, resized), is
     caught here instead by comparing `_signature`.
     """
+    use_matvec(model)  # Inductor keeps the one-row matmuls as oneDNN's mv (see above)
     signature = _signature(model)
     entry = _steps.get(model)
     if entry is not None and entry[0] == signature:

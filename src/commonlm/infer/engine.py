@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from commonlm.infer.generate import sample_next
+from commonlm.kernels import use_matvec
 from commonlm.model.decoder import Decoder
 from commonlm.model.kv_cache import SlotKVCache
 
@@ -88,7 +89,7 @@ class Engine:
         prefill_chunk: int = 256,
         dtype: torch.dtype | None = None,
     ):
-        self.model = model.eval()
+        self.model = use_matvec(model.eval())  # a batch of one in bf16 on CPU: torch.mv (commonlm/kernels.py)
         self.device = model.embed.weight.device
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_batch = max_batch

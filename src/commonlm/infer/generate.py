@@ -15,6 +15,7 @@ import torch
 
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
+from commonlm.kernels import use_matvec
 from commonlm.model.decoder import Decoder
 
 
@@ -86,7 +87,7 @@ def stream_ids(
     `compile=True` decodes through a compiled step (infer/compiled.py): the first call of a process
     spends seconds compiling, later tokens come faster.
     """
-    model.eval()
+    use_matvec(model.eval())  # one-row steps in bf16 on CPU: torch.mv (commonlm/kernels.py)
     device = model.embed.weight.device
     limit = model.config.max_seq_len
     if not prompt_ids:

@@ -3,7 +3,7 @@
 `nn.Linear` hands oneDNN a plain row-major weight, which its AMX kernels re-lay out on every call.
 Packing each weight once, into oneDNN's blocked layout, made the weight matmuls of batched decode steps
 and of prompt prefill about 1.5x faster on this machine, and the server 1.2x faster at 16-64 streams
-(BENCHMARKS.md); one row at a time it is as fast as the `torch.mv` path of `model.decoder.Linear`.
+(BENCHMARKS.md); one row at a time it is as fast as the `torch.mv` path of `kernels.MatVecLinear`.
 
 The packed weights are opaque oneDNN tensors: such a model serves and generates, but is not trained,
 saved or compiled. `commonlm serve`, `generate` and `chat` pack bf16 models on CPU (not with --compile

@@ -9,7 +9,13 @@ Layout choices that matter elsewhere:
   (`mlp.gate_up`): fewer, larger matmuls. `interop/hf.py` splits them into Hugging Face names.
 - RoPE rotates the two halves of each head (`rotate_half`), as Hugging Face Llama/Qwen do, so weights
   move between the two without permuting.
-- `make_mlp` is the seam for a mixture-of-experts MLP: a block only asks it for "the MLP".
+- Seams: `make_attention` and `make_mlp` build a block's two halves (latent attention, mixture of
+  experts plug in there); either may return `(output, {name: loss})`, and the decoder hands those
+  auxiliary losses back beside the logits for the training objective to add. Attention declares what
+  its KV cache holds per token (`cache_shape`), so `new_cache` makes the right one.
+- The model knows no CPU kernels: `commonlm.kernels` picks the attention kernel, and inference gives
+  the linears their matrix-vector path (`kernels.use_matvec`). The loss is not computed here either:
+  `model.loss.lm_loss` is the one cross-entropy of training, evaluation and benchmarks.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from commonlm.config import ModelConfig
+from commonlm.kernels import attention
 from commonlm.model.kv_cache import KVCache, SlotKVCache, StaticKVCache
 
 
@@ -44,19 +51,6 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(dim, config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear with a matrix-vector path: decoding one token in bf16 on CPU goes through torch.mv, which
-    reads the weights about 1.6x faster than addmm does for a single row here (bench/decode.py)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the weights too: under bf16 autocast (training's evaluation) they stay fp32, which addmv refuses
-        if x.numel() == self.in_features and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-            v = x.reshape(-1)
-            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
-            return y.view(*x.shape[:-1], self.out_features)
-        return super().forward(x)
 
 
 class Rotary(nn.Module):
@@ -93,37 +87,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + swapped * sin
 
 
-# CPU + bf16 + short contexts: plain matmul-mask-softmax-matmul attention. Here SDPA's bf16 CPU kernel is
-# slow (its backward at T=64 takes 2.5x the fp32 time) and the naive path beats it up to T~256. fp32 and
-# CUDA always take SDPA, so fp32 numerics (and the Hugging Face parity tests) are untouched.
-MATH_ATTENTION_MAX_T = 256
-
-
-def _cpu_bf16(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
-
-
-def causal_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + causal mask) v for q [B, H, T, D] and k, v [B, H, S, D], S >= T."""
-    B, H, T, D = q.shape
-    S = k.shape[-2]
-    # an additive mask fused into the q k^T matmul (baddbmm): no masked_fill forward or backward
-    mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)
-    scores = torch.baddbmm(mask, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=D**-0.5)
-    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, S, D)).view(B, H, T, D)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.dim_head
         qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.qkv = Linear(config.d_model, qkv_out, bias=config.bias or config.qkv_bias)
-        self.proj = Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+        self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias or config.qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+
+    @property
+    def cache_shape(self) -> tuple[int, int]:
+        """What a KV cache keeps of each token for this layer, for keys and for values alike: [heads, dim]. A
+        latent-attention variant declares its latent here instead of per-head keys and values."""
+        return self.n_kv_head, self.head_dim
 
     def forward(
         self,
@@ -152,19 +132,15 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             repeat = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        dropout = self.dropout if self.training else 0.0
-        if _cpu_bf16(q) and causal and mask is None and 1 < T <= MATH_ATTENTION_MAX_T and dropout == 0.0:
-            y = causal_math_attention(q, k, v)
-        else:  # (a causal mask over one query is a no-op, so is_causal needs no test of T: exportable)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        y = attention(q, k, v, mask=mask, causal=causal, dropout=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = Linear(config.d_model, config.ff_dim, bias=config.bias)
-        self.proj = Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,8 +150,8 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = Linear(config.d_model, 2 * config.ff_dim, bias=config.bias)
-        self.proj = Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.gate_up = nn.Linear(config.d_model, 2 * config.ff_dim, bias=config.bias)
+        self.proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -190,17 +166,36 @@ def make_mlp(config: ModelConfig) -> nn.Module:
     return MLPS[config.mlp](config)
 
 
+def make_attention(config: ModelConfig, layer: int) -> nn.Module:
+    """The attention of one block. Another variant (latent attention, sliding windows) plugs in here: it
+    takes (x, rope, cache), returns the output (or `(output, aux_losses)`), and declares `cache_shape`."""
+    return Attention(config, layer)
+
+
+AuxLosses = dict[str, torch.Tensor]
+
+
+def _with_aux(out: torch.Tensor | tuple[torch.Tensor, AuxLosses], aux: AuxLosses) -> torch.Tensor:
+    """A half of a block returns its output, or (output, auxiliary losses): add those to `aux`."""
+    if isinstance(out, tuple):
+        out, extra = out
+        for name, value in extra.items():
+            aux[name] = aux[name] + value if name in aux else value
+    return out
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = Attention(config, layer)
+        self.attn = make_attention(config, layer)
         self.norm2 = make_norm(config)
         self.mlp = make_mlp(config)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, cache)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None) -> tuple[torch.Tensor, AuxLosses]:
+        aux: AuxLosses = {}
+        x = x + _with_aux(self.attn(self.norm1(x), rope, cache), aux)
+        return x + _with_aux(self.mlp(self.norm2(x)), aux), aux
 
 
 class Decoder(nn.Module):
@@ -218,7 +213,7 @@ class Decoder(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False
@@ -243,21 +238,21 @@ class Decoder(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), mean cross-entropy or None).
+    ) -> tuple[torch.Tensor, AuxLosses]:
+        """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), auxiliary losses by name).
 
-        With a `cache` (model/kv_cache.py), idx holds each sequence's next tokens, at the positions the
-        cache says, and the cache is advanced.
+        The auxiliary losses are what blocks add to the training loss (a mixture-of-experts balance loss,
+        say), summed over blocks; today's models have none. The language-model loss itself is
+        `model.loss.lm_loss(logits, targets)`. With a `cache` (model/kv_cache.py), idx holds each
+        sequence's next tokens, at the positions the cache says, and the cache is advanced; a cache checks
+        its own room.
         """
         B, T = idx.shape
         positions = cache.positions(T) if cache is not None else None  # [B, T] or None (0..T-1)
-        if not isinstance(cache, StaticKVCache):  # (a static cache is never longer than max_seq_len)
-            end = T if positions is None else int(positions.max()) + 1
-            if end > self.config.max_seq_len:
-                raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is None and T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=idx.device) if positions is None else positions)
@@ -265,21 +260,19 @@ class Decoder(nn.Module):
         rope = None
         if self.rotary is not None:
             rope = self.rotary(0, T) if positions is None else self.rotary.at(positions)
+        aux: AuxLosses = {}
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                out = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                out = block(x, rope, cache)
+            x = _with_aux(out, aux)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return self.lm_head(x), aux
 
     # -- accounting ---------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -308,7 +301,8 @@ class Decoder(nn.Module):
         if max_len > c.max_seq_len:
             raise ValueError(f"a cache of {max_len} positions exceeds max_seq_len={c.max_seq_len}")
         weight = self.embed.weight
+        heads, dim = self.blocks[0].attn.cache_shape
         return kind(
-            n_layer=c.n_layer, batch_size=batch_size, n_kv_head=c.kv_heads, head_dim=c.dim_head,
+            n_layer=c.n_layer, batch_size=batch_size, n_kv_head=heads, head_dim=dim,
             max_len=max_len, device=weight.device, dtype=dtype or weight.dtype,
         )

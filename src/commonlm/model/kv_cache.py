@@ -35,6 +35,8 @@ class KVCache:
         self.pos = 0
 
     def positions(self, T: int) -> torch.Tensor:
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos + T} positions > max_len={self.max_len}")
         B = self.k.shape[1]
         return torch.arange(self.pos, self.pos + T, device=self.k.device).expand(B, T)
 

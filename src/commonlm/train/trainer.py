@@ -29,13 +29,14 @@ from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.evaluate.evaluate import evaluate
 from commonlm.model.decoder import Decoder
+from commonlm.model.loss import lm_loss
 from commonlm.modeldir import load_model_dir, save_model_dir
 from commonlm.runtime import autocast, pick_device, pick_dtype
 from commonlm.train import checkpoint as ckpt
-from commonlm.train.distributed import World, all_reduce_sum, barrier, close_world, init_world
 from commonlm.train.metrics import Metrics, measure_peak_flops, plot_losses
 from commonlm.train.optim import lr_at, make_optimizer
 from commonlm.utils import console, human
+from commonlm.world import World, all_reduce_sum, barrier, close_world, init_world
 
 
 @dataclass
@@ -247,7 +248,8 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
                 ctx = model.no_sync() if world.distributed and not last and hasattr(model, "no_sync") else nullcontext()
                 with ctx:
                     with autocast(device, dtype):
-                        _, loss = model(x, y)
+                        logits, _ = model(x)
+                        loss = lm_loss(logits, y)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             # one small all-reduce carries the mean loss and everybody's stop request

@@ -1,4 +1,6 @@
-"""torchrun / DDP setup and teardown. A plain `python` run is a world of one and needs none of it."""
+"""Who this process is among many (rank, world size), and the torchrun / DDP setup and teardown. A plain
+`python` run is a world of one and needs none of it. Neutral ground: training, evaluation and (later)
+scale-out glue all use it, and it imports none of them."""
 
 from __future__ import annotations
 
