@@ -1,7 +1,8 @@
 """The model directory: the one artifact every stage reads and writes.
 
-    config.json              transformers config of the matching class (GPT2/Llama/Qwen3), or "commonlm" native
-    model.safetensors        weights under that class's names (fp32 master weights)
+    config.json              transformers config of the matching class (GPT2/Llama/Mistral/Qwen2/Qwen3), or
+                             "commonlm" (native) with a `commonlm_note` saying why no class represents the model
+    model.safetensors        weights under that class's names, or ours when native (fp32 master weights)
     tokenizer.json           + tokenizer_config.json (chat template) + special_tokens_map.json
     generation_config.json   eos/pad ids and default sampling settings
     commonlm.yaml            our full RunConfig (model, data, train) + which weight naming is used
@@ -93,15 +94,20 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig) -> None:
-    """Write the model-directory files into an existing (usually temporary) directory."""
+    """Write the model-directory files into an existing (usually temporary) directory: a transformers
+    directory when the family's class holds every tensor and setting of the model, else the native one."""
     directory = Path(directory)
     c = model.config
     state = {k: v.detach().to("cpu", torch.float32) for k, v in _unwrap(model).state_dict().items()}
-    tensors = hf.to_hf(c, state)
-    weights = "native" if hf.hf_incompatibility(c) else c.family
-    write_weights(directory, tensors, {"format": "pt", "commonlm_weights": weights})
     eos_id = tokenizer.token_id(tokenizer.eos_token)
-    atomic_write_json(directory / "config.json", hf.hf_config(c, eos_id, tokenizer.pad_id))
+    reason = hf.hf_incompatibility(c, state)
+    if reason is None:
+        weights, tensors, config_json = c.family, hf.to_hf(c, state), hf.hf_config(c, eos_id, tokenizer.pad_id)
+    else:  # our names, the tied head stored once (safetensors refuses shared tensors)
+        tensors = {k: v.contiguous() for k, v in state.items() if not (c.tie_embeddings and k == "lm_head.weight")}
+        weights, config_json = "native", hf.native_config(c, eos_id, tokenizer.pad_id, reason)
+    write_weights(directory, tensors, {"format": "pt", "commonlm_weights": weights})
+    atomic_write_json(directory / "config.json", config_json)
     eos = list(tokenizer.stop_ids)
     atomic_write_json(
         directory / "generation_config.json",
@@ -142,17 +148,29 @@ def load_model_dir(
     missing += [] if has_weights(directory) else ["model.safetensors"]
     if missing:
         raise UserError(f"{directory}: not a model directory (missing {', '.join(missing)})")
-    config, _ = read_run_config(directory)
+    config, weights = read_run_config(directory)
     tokenizer = Tokenizer.load(directory)
     check_vocab(tokenizer, config.model, directory)
     model = Decoder(config.model)
-    tensors = read_weights(directory)
-    try:
-        state = hf.from_hf(config.model, tensors)
-        model.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError) as e:
-        raise UserError(f"{directory}: weights do not match commonlm.yaml ({str(e).splitlines()[0][:200]})") from e
+    load_weights(directory, model, weights)
     return model.to(device), tokenizer, config
+
+
+def load_weights(directory: str | Path, model: Decoder, weights: str) -> None:
+    """Fill `model` from a model directory's safetensors, stored under `weights` naming (commonlm.yaml's:
+    "native" or the family's). A tensor too many or too few is an error, never skipped."""
+    directory, c = Path(directory), model.config
+    tensors = read_weights(directory)
+    if weights not in ("native", c.family):
+        raise UserError(f"{directory}: commonlm.yaml says weights: {weights}, but model.family is {c.family}")
+    try:
+        if weights == "native":
+            state = {**tensors, "lm_head.weight": tensors["embed.weight"]} if c.tie_embeddings else tensors
+        else:
+            state = hf.from_hf(c, tensors, model.state_dict())
+        model.load_state_dict(state, strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{directory}: weights do not match commonlm.yaml ({' '.join(str(e).split())[:200]})") from e
 
 
 def check_vocab(tokenizer: Tokenizer, model: ModelConfig, where: str | Path) -> None:

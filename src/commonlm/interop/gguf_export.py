@@ -90,16 +90,19 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
     c = model.config
     if quant not in QUANTS:
         raise UserError(f"export: --quant {quant!r} is not one of {', '.join(QUANTS)}")
-    if hf_incompatibility(c) is not None:
-        raise UserError(f"export: GGUF needs a standard architecture; {hf_incompatibility(c)}")
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    reason = hf_incompatibility(c, state)
+    if reason is not None:
+        raise UserError(f"export: GGUF needs a standard architecture; {reason}")
     arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[c.family])
     names = gguf.get_tensor_name_map(arch, c.n_layer)
     with atomic_file(out) as tmp:
-        _write(gguf, str(tmp), arch, names, c, model, tok, quant, name)
+        _write(gguf, str(tmp), arch, names, c, to_hf(c, state), tok, quant, name)
     return Path(out)
 
 
-def _write(gguf, tmp: str, arch, names, c, model: Decoder, tok: Tokenizer, quant: str, name: str) -> None:
+def _write(gguf, tmp: str, arch, names, c, tensors: dict[str, torch.Tensor], tok: Tokenizer, quant: str,
+           name: str) -> None:
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
 
     writer.add_name(name)
@@ -123,8 +126,7 @@ def _write(gguf, tmp: str, arch, names, c, model: Decoder, tok: Tokenizer, quant
     _add_tokenizer(writer, gguf, tok, c.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    for hf_name, tensor in to_hf(c, state).items():
+    for hf_name, tensor in tensors.items():
         if hf_name.endswith((".q_proj.weight", ".q_proj.bias")) and GGUF_ARCH[c.family] == "LLAMA":
             tensor = _permute_for_llama(tensor, c.n_head)
         elif hf_name.endswith((".k_proj.weight", ".k_proj.bias")) and GGUF_ARCH[c.family] == "LLAMA":

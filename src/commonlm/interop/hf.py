@@ -1,7 +1,8 @@
-"""Our decoder <-> Hugging Face transformers: `config.json` and weight names.
+"""Our decoder <-> Hugging Face transformers: `config.json` and weight names, in both directions.
 
 A model directory stores weights under the names of the matching transformers class, so
-`AutoModelForCausalLM.from_pretrained(dir)` loads it unchanged. The families:
+`AutoModelForCausalLM.from_pretrained(dir)` loads it unchanged, and `commonlm import` reads such a
+directory back. The families:
 
 - gpt2:    GPT2LMHeadModel    (learned positions, LayerNorm, GELU, biases, Conv1D = transposed weights)
 - llama:   LlamaForCausalLM   (RoPE, RMSNorm, SwiGLU, GQA; optional biases everywhere)
@@ -9,63 +10,80 @@ A model directory stores weights under the names of the matching transformers cl
 - qwen2:   Qwen2ForCausalLM   (as llama, biases on q/k/v only)
 - qwen3:   Qwen3ForCausalLM   (as llama, no biases, RMS QK-norm per head)
 
-A configuration that no class represents exactly is saved with our own names ("native") and a
-config.json that says so; `hf_incompatibility` explains why.
+Each family has one name table (`NAMES`), read by saving, loading and importing alike, and one pair of
+config translations (`hf_config` out, `model_config_from_hf` in). The directory fails closed:
+`hf_incompatibility` passes a model only when its config reads back unchanged through that pair and its
+state dict holds exactly the tensors a decoder of that config has, each with a name in the table. Anything
+else (a new part, a field the class lacks) is saved with our own names ("native") and a config.json whose
+`commonlm_note` says why, never as a transformers directory that loads without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from commonlm.config import ModelConfig
+from commonlm.errors import UserError
+from commonlm.model.decoder import Decoder
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# our block-relative module name -> GPT-2's
-GPT2_BLOCK_NAMES = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
-                    "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+
+# Our module -> theirs, or the parts a fused module splits into (along dim 0, in this order). "{i}" is the
+# layer; a module's .weight and .bias keep their suffix.
+GPT2_NAMES = {
+    "embed": "transformer.wte", "pos_embed": "transformer.wpe", "norm": "transformer.ln_f", "lm_head": "lm_head",
+    "blocks.{i}.norm1": "transformer.h.{i}.ln_1", "blocks.{i}.norm2": "transformer.h.{i}.ln_2",
+    "blocks.{i}.attn.qkv": "transformer.h.{i}.attn.c_attn", "blocks.{i}.attn.proj": "transformer.h.{i}.attn.c_proj",
+    "blocks.{i}.mlp.fc": "transformer.h.{i}.mlp.c_fc", "blocks.{i}.mlp.proj": "transformer.h.{i}.mlp.c_proj",
+}
+LLAMA_NAMES = {
+    "embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+    "blocks.{i}.norm1": "model.layers.{i}.input_layernorm",
+    "blocks.{i}.norm2": "model.layers.{i}.post_attention_layernorm",
+    "blocks.{i}.attn.qkv": ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+                            "model.layers.{i}.self_attn.v_proj"),
+    "blocks.{i}.attn.proj": "model.layers.{i}.self_attn.o_proj",
+    "blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",
+    "blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm",
+    "blocks.{i}.mlp.gate_up": ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
+    "blocks.{i}.mlp.proj": "model.layers.{i}.mlp.down_proj",
+}
+NAMES = {"gpt2": GPT2_NAMES, "llama": LLAMA_NAMES, "mistral": LLAMA_NAMES, "qwen2": LLAMA_NAMES, "qwen3": LLAMA_NAMES}
+CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # GPT-2's Conv1D holds [in, out]: transposed both ways
 
 
-def hf_incompatibility(c: ModelConfig) -> str | None:
-    """None if `c` maps exactly onto its family's transformers class, else the reason it does not."""
-    want: dict[str, Any]
-    if c.family == "gpt2":
-        want = {"pos_emb": "learned", "norm": "layernorm", "bias": True, "qk_norm": False}
-        if c.mlp not in ("gelu", "gelu_tanh"):
-            return f"gpt2 needs model.mlp gelu or gelu_tanh, not {c.mlp}"
-        if c.kv_heads != c.n_head or c.dim_head * c.n_head != c.d_model:
-            return "gpt2 needs plain multi-head attention with head_dim = d_model / n_head"
-    else:
-        rotary = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
-        want = {
-            "llama": {**rotary, "qk_norm": False, "qkv_bias": False},
-            "mistral": {**rotary, "qk_norm": False, "qkv_bias": False, "bias": False},
-            "qwen2": {**rotary, "qk_norm": False, "qkv_bias": True, "bias": False},
-            "qwen3": {**rotary, "qk_norm": True, "qkv_bias": False, "bias": False},
-        }[c.family]
-    for key, value in want.items():
-        if getattr(c, key) != value:
-            return f"{c.family} needs model.{key}={value}, this model has {getattr(c, key)}"
-    return None
+# -- config.json ------------------------------------------------------------------------------------
 
 
-def hf_config(c: ModelConfig, eos_id: int | None, pad_id: int | None) -> dict[str, Any]:
-    """The config.json of the matching transformers class (or of our native format)."""
-    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "eos_token_id": eos_id,
-              "bos_token_id": None, "pad_token_id": pad_id, "dtype": "float32", "initializer_range": c.init_std}
-    reason = hf_incompatibility(c)
-    if reason is not None:
-        return {"architectures": ["CommonLMForCausalLM"], "model_type": "commonlm",
-                "commonlm_note": f"native CommonLM weights; not loadable by transformers ({reason})", **common}
+def _common(c: ModelConfig, eos_id: int | None, pad_id: int | None) -> dict[str, Any]:
+    return {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "eos_token_id": eos_id,
+            "bos_token_id": None, "pad_token_id": pad_id, "dtype": "float32", "initializer_range": c.init_std}
+
+
+def native_config(c: ModelConfig, eos_id: int | None, pad_id: int | None, reason: str) -> dict[str, Any]:
+    """The config.json of a directory with our own weight names, saying why it is not a transformers one."""
+    return {"architectures": ["CommonLMForCausalLM"], "model_type": "commonlm",
+            "commonlm_note": f"native CommonLM weights; not loadable by transformers ({reason})",
+            **_common(c, eos_id, pad_id)}
+
+
+def hf_config(c: ModelConfig, eos_id: int | None = None, pad_id: int | None = None) -> dict[str, Any]:
+    """The config.json of the family's transformers class. It describes `c` exactly only where
+    `hf_incompatibility(c)` is None."""
+    common = _common(c, eos_id, pad_id)
     if c.family == "gpt2":
         return {
             "architectures": [ARCHITECTURES["gpt2"]], "model_type": "gpt2", **common,
             "n_positions": c.max_seq_len, "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_inner": c.ff_dim, "activation_function": "gelu_new" if c.mlp == "gelu_tanh" else "gelu",
-            "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-            "attn_pdrop": c.dropout, "scale_attn_weights": True,
+            "layer_norm_epsilon": c.norm_eps, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+            "resid_pdrop": 0.0, "scale_attn_weights": True,  # (our blocks have no residual dropout)
         }
     out = {
         "architectures": [ARCHITECTURES[c.family]], "model_type": c.family, **common,
@@ -84,96 +102,165 @@ def hf_config(c: ModelConfig, eos_id: int | None, pad_id: int | None) -> dict[st
     return out
 
 
-def _parts(c: ModelConfig) -> list[int]:
-    return [c.n_head * c.dim_head, c.kv_heads * c.dim_head, c.kv_heads * c.dim_head]
+def _refuse(field: str, value: Any, why: str) -> UserError:
+    return UserError(f"config.json {field}={value!r} is not supported ({why})")
+
+
+def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig that reproduces a transformers config exactly, or a UserError naming the field."""
+    kind = cfg.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise _refuse("model_type", kind, f"supported: {', '.join(ARCHITECTURES)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        return cfg.get(key, default)
+
+    if kind == "gpt2":
+        act = get("activation_function", "gelu_new")
+        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act)
+        if mlp is None:
+            raise _refuse("activation_function", act, "use gelu or gelu_new")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if get(flag):
+                raise _refuse(flag, get(flag), "not implemented")
+        if get("scale_attn_weights", True) is not True:
+            raise _refuse("scale_attn_weights", get("scale_attn_weights"), "must be true")
+        # dropout is a training setting, not part of the logits: kept when it is ours (embeddings and
+        # attention, no residual dropout), else an import starts without it
+        drop = get("attn_pdrop", 0.1)
+        dropout = drop if get("embd_pdrop", 0.1) == drop and get("resid_pdrop", 0.1) == 0 else 0.0
+        d = get("n_embd")
+        return ModelConfig(
+            family="gpt2", vocab_size=get("vocab_size"), n_layer=get("n_layer"), n_head=get("n_head"),
+            d_model=d, d_ff=get("n_inner") or 4 * d, max_seq_len=get("n_positions"), pos_emb="learned",
+            norm="layernorm", norm_eps=get("layer_norm_epsilon", 1e-5), mlp=mlp, bias=True,
+            tie_embeddings=get("tie_word_embeddings", True), init_std=get("initializer_range", 0.02), dropout=dropout,
+        )
+
+    act = get("hidden_act", "silu")
+    if act != "silu":
+        raise _refuse("hidden_act", act, "only SwiGLU (silu) MLPs are implemented")
+    scaling = get("rope_scaling") or {}
+    params = get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
+    if rope_type not in ("default", None):
+        raise _refuse("rope_scaling.rope_type", rope_type, "only plain RoPE is implemented")
+    theta = params.get("rope_theta", get("rope_theta", 10000.0))
+    window = get("sliding_window")
+    if get("use_sliding_window", kind == "mistral") and window and window < get("max_position_embeddings"):
+        raise _refuse("sliding_window", window, "sliding-window attention is not implemented")
+    attention_bias = bool(get("attention_bias", False))
+    if kind == "llama" and attention_bias != bool(get("mlp_bias", False)):
+        raise _refuse("mlp_bias", get("mlp_bias"), "attention_bias and mlp_bias must be equal")
+    if kind in ("mistral", "qwen3") and attention_bias:
+        raise _refuse("attention_bias", True, f"{kind} without biases only")
+    heads = get("num_attention_heads")
+    return ModelConfig(
+        family=kind, vocab_size=get("vocab_size"), n_layer=get("num_hidden_layers"), n_head=heads,
+        n_kv_head=get("num_key_value_heads") or heads, d_model=get("hidden_size"),
+        head_dim=get("head_dim") or 0, d_ff=get("intermediate_size"),
+        max_seq_len=get("max_position_embeddings", 2048), pos_emb="rope", rope_theta=float(theta), norm="rmsnorm",
+        norm_eps=get("rms_norm_eps", 1e-6), mlp="swiglu", qk_norm=kind == "qwen3",
+        bias=attention_bias if kind == "llama" else False, qkv_bias=kind == "qwen2",
+        tie_embeddings=get("tie_word_embeddings", kind == "qwen3"), init_std=get("initializer_range", 0.02),
+    )
+
+
+# -- does a model fit its family's class? -----------------------------------------------------------
+
+
+def hf_incompatibility(c: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> str | None:
+    """None if `c` (and the tensors of `state`, when given) map exactly onto the family's transformers class,
+    else the reason they do not, in one line."""
+    try:
+        back = model_config_from_hf(hf_config(c))
+    except UserError as e:
+        return f"{c.family}'s config.json cannot express this model: {e}"
+    ours, theirs = _resolved(c), _resolved(back)
+    for f in dataclasses.fields(ours):  # every field, so one added later is checked too
+        value, read = getattr(ours, f.name), getattr(theirs, f.name, f.default)
+        if value != read:
+            return f"{c.family}'s config.json cannot express model.{f.name}={value!r} (it reads back as {read!r})"
+    return None if state is None else _tensor_mismatch(c, state)
+
+
+def _resolved(c: ModelConfig) -> ModelConfig:
+    """`c` with the derived sizes spelled out (0 = "from the other fields" in ModelConfig)."""
+    return dataclasses.replace(c, n_kv_head=c.kv_heads, head_dim=c.dim_head, d_ff=c.ff_dim)
+
+
+def _tensor_mismatch(c: ModelConfig, state: dict[str, torch.Tensor]) -> str | None:
+    """Why `state` is not exactly the tensors of a decoder of config `c`, each with a name in the table."""
+    with torch.device("meta"):  # shapes and names only: no memory, no initialisation work
+        expected = {k: tuple(v.shape) for k, v in Decoder(c).state_dict().items()}
+    for name, tensor in state.items():
+        if name not in expected:
+            return f"tensor {name} is not part of a {c.family} model"
+        if _their_names(c.family, name) is None:
+            return f"tensor {name} has no {c.family} name"
+        if tuple(tensor.shape) != expected[name]:
+            return f"tensor {name} has shape {tuple(tensor.shape)}, not {expected[name]}"
+    missing = [name for name in expected if name not in state]
+    return f"tensor {missing[0]} is missing" if missing else None
+
+
+# -- weights ----------------------------------------------------------------------------------------
+
+
+def _their_names(family: str, ours: str) -> tuple[str, ...] | None:
+    """The transformers name(s) of one of our tensors (several for a fused one), None if the table has none."""
+    module, _, suffix = ours.rpartition(".")
+    layer = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    theirs = NAMES[family].get(f"blocks.{{i}}.{layer[2]}" if layer else module)
+    if theirs is None:
+        return None
+    parts = (theirs,) if isinstance(theirs, str) else theirs
+    return tuple(f"{p.format(i=layer[1] if layer else '')}.{suffix}" for p in parts)
+
+
+def hf_names(c: ModelConfig, names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Our tensor name -> its transformers name(s), for each tensor a transformers directory stores (a tied
+    head is stored once, as the embedding). A name without one in the family's table raises KeyError."""
+    out = {}
+    for ours in names:
+        if c.tie_embeddings and ours == "lm_head.weight":
+            continue
+        theirs = _their_names(c.family, ours)
+        if theirs is None:
+            raise KeyError(f"{ours} has no {c.family} name")
+        out[ours] = theirs
+    return out
+
+
+def _split_rows(c: ModelConfig, ours: str) -> list[int]:
+    """Rows of each transformers part of a fused tensor: q, k, v or gate, up."""
+    if ".attn.qkv." in ours:
+        return [c.n_head * c.dim_head, c.kv_heads * c.dim_head, c.kv_heads * c.dim_head]
+    return [c.ff_dim, c.ff_dim]  # .mlp.gate_up.
 
 
 def to_hf(c: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> transformers names (a fresh dict of contiguous tensors)."""
-    if hf_incompatibility(c) is not None:
-        out = dict(state)
-        if c.tie_embeddings:
-            out.pop("lm_head.weight", None)
-        return {k: v.contiguous() for k, v in out.items()}
     out: dict[str, torch.Tensor] = {}
-    for i in range(c.n_layer):
-        ours = f"blocks.{i}."
-        if c.family == "gpt2":
-            hf = f"transformer.h.{i}."
-            for a, b in GPT2_BLOCK_NAMES.items():
-                w = state[ours + a + ".weight"]
-                out[hf + b + ".weight"] = w if a.startswith("norm") else w.t()  # Conv1D holds [in, out]
-                out[hf + b + ".bias"] = state[ours + a + ".bias"]
-            continue
-        hf = f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = state[ours + "norm1.weight"]
-        out[hf + "post_attention_layernorm.weight"] = state[ours + "norm2.weight"]
-        for suffix in ("weight", "bias") if c.bias or c.qkv_bias else ("weight",):
-            q, k, v = state[ours + f"attn.qkv.{suffix}"].split(_parts(c), dim=0)
-            out[hf + f"self_attn.q_proj.{suffix}"] = q
-            out[hf + f"self_attn.k_proj.{suffix}"] = k
-            out[hf + f"self_attn.v_proj.{suffix}"] = v
-        for suffix in ("weight", "bias") if c.bias else ("weight",):
-            out[hf + f"self_attn.o_proj.{suffix}"] = state[ours + f"attn.proj.{suffix}"]
-            gate, up = state[ours + f"mlp.gate_up.{suffix}"].chunk(2, dim=0)
-            out[hf + f"mlp.gate_proj.{suffix}"] = gate
-            out[hf + f"mlp.up_proj.{suffix}"] = up
-            out[hf + f"mlp.down_proj.{suffix}"] = state[ours + f"mlp.proj.{suffix}"]
-        if c.qk_norm:
-            out[hf + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
-            out[hf + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
-    if c.family == "gpt2":
-        out["transformer.wte.weight"] = state["embed.weight"]
-        out["transformer.wpe.weight"] = state["pos_embed.weight"]
-        out["transformer.ln_f.weight"] = state["norm.weight"]
-        out["transformer.ln_f.bias"] = state["norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = state["embed.weight"]
-        out["model.norm.weight"] = state["norm.weight"]
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+    for ours, theirs in hf_names(c, state).items():
+        parts = state[ours].split(_split_rows(c, ours)) if len(theirs) > 1 else [state[ours]]
+        for name, tensor in zip(theirs, parts):
+            out[name] = (tensor.t() if name.endswith(CONV1D) else tensor).contiguous()
+    return out
 
 
-def from_hf(c: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers names -> our state dict (the inverse of `to_hf`). Missing names raise KeyError."""
-    if hf_incompatibility(c) is not None:
-        out = dict(hf)
-    else:
-        out = {}
-        for i in range(c.n_layer):
-            ours = f"blocks.{i}."
-            if c.family == "gpt2":
-                pre = f"transformer.h.{i}."
-                for a, b in GPT2_BLOCK_NAMES.items():
-                    w = hf[pre + b + ".weight"]
-                    out[ours + a + ".weight"] = w if a.startswith("norm") else w.t()
-                    out[ours + a + ".bias"] = hf[pre + b + ".bias"]
-                continue
-            pre = f"model.layers.{i}."
-            out[ours + "norm1.weight"] = hf[pre + "input_layernorm.weight"]
-            out[ours + "norm2.weight"] = hf[pre + "post_attention_layernorm.weight"]
-            for suffix in ("weight", "bias") if c.bias or c.qkv_bias else ("weight",):
-                qkv = [hf[pre + f"self_attn.{p}_proj.{suffix}"] for p in "qkv"]
-                out[ours + f"attn.qkv.{suffix}"] = torch.cat(qkv, dim=0)
-            for suffix in ("weight", "bias") if c.bias else ("weight",):
-                out[ours + f"attn.proj.{suffix}"] = hf[pre + f"self_attn.o_proj.{suffix}"]
-                gate_up = [hf[pre + f"mlp.{p}_proj.{suffix}"] for p in ("gate", "up")]
-                out[ours + f"mlp.gate_up.{suffix}"] = torch.cat(gate_up, dim=0)
-                out[ours + f"mlp.proj.{suffix}"] = hf[pre + f"mlp.down_proj.{suffix}"]
-            if c.qk_norm:
-                out[ours + "attn.q_norm.weight"] = hf[pre + "self_attn.q_norm.weight"]
-                out[ours + "attn.k_norm.weight"] = hf[pre + "self_attn.k_norm.weight"]
-        if c.family == "gpt2":
-            out["embed.weight"] = hf["transformer.wte.weight"]
-            out["pos_embed.weight"] = hf["transformer.wpe.weight"]
-            out["norm.weight"] = hf["transformer.ln_f.weight"]
-            out["norm.bias"] = hf["transformer.ln_f.bias"]
-        else:
-            out["embed.weight"] = hf["model.embed_tokens.weight"]
-            out["norm.weight"] = hf["model.norm.weight"]
-        if not c.tie_embeddings:
-            out["lm_head.weight"] = hf["lm_head.weight"]
+def from_hf(c: ModelConfig, hf: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """transformers names -> our state dict with the tensors `names` (a decoder's state-dict keys): the
+    inverse of `to_hf`. A missing transformers name raises KeyError, one left over ValueError."""
+    table = hf_names(c, names)
+    unused = set(hf) - {name for theirs in table.values() for name in theirs}
+    unused -= {"lm_head.weight"} if c.tie_embeddings else set()  # some checkpoints store the tied head too
+    if unused:
+        raise ValueError(f"unexpected weights {sorted(unused)[:3]}")
+    out = {}
+    for ours, theirs in table.items():
+        parts = [hf[name].t() if name.endswith(CONV1D) else hf[name] for name in theirs]
+        out[ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     if c.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     return out
