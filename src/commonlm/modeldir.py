@@ -151,9 +151,10 @@ def load_model_dir(
     config, weights = read_run_config(directory)
     tokenizer = Tokenizer.load(directory)
     check_vocab(tokenizer, config.model, directory)
-    model = Decoder(config.model)
-    load_weights(directory, model, weights)
-    return model.to(device), tokenizer, config
+    with torch.device("meta"):  # no random initialisation to overwrite, no host copy on the way to a GPU
+        model = Decoder(config.model)
+    load_weights(directory, model.materialize(device), weights)
+    return model, tokenizer, config
 
 
 def load_weights(directory: str | Path, model: Decoder, weights: str) -> None:

@@ -494,3 +494,15 @@ def test_the_cache_holds_what_attention_declares():
     heads, dim = model.blocks[0].attn.cache_shape
     assert (heads, dim) == (model.config.kv_heads, model.config.dim_head)
     assert cache.k.shape == (model.config.n_layer, 2, heads, 16, dim)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_built_on_meta_gets_memory_tied_weights_and_position_tables(name):
+    eager = make(name)
+    with torch.device("meta"):
+        model = Decoder(eager.config)
+    model.materialize("cpu").load_state_dict(eager.state_dict())
+    assert (model.lm_head.weight is model.embed.weight) == eager.config.tie_embeddings
+    idx = tokens(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], eager(idx)[0])  # rotary tables (not in the state dict) included

@@ -219,6 +219,20 @@ class Decoder(nn.Module):
         self.activation_checkpointing = False
         self.reset_parameters()
 
+    def materialize(self, device: torch.device | str) -> Decoder:
+        """Memory on `device` for a model built on the meta device (`with torch.device("meta"): Decoder(c)`),
+        and its position tables. The weights are undefined until loaded or initialised (train/parallel.py):
+        building on meta skips a random initialisation that loading would overwrite, and never holds the
+        model in host memory on its way to a GPU."""
+        self.to_empty(device=device)
+        if self.config.tie_embeddings:  # to_empty gives each module its own new tensor: tie them again
+            self.lm_head.weight = self.embed.weight
+        if self.rotary is not None:
+            cos, sin = self.rotary._tables(self.config.max_seq_len)
+            self.rotary.cos.copy_(cos)
+            self.rotary.sin.copy_(sin)
+        return self
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2)."""
         std = self.config.init_std
