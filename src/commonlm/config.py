@@ -123,19 +123,20 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     eval_tokens: int = 262144  # validation tokens per evaluation; 0: the whole split
     patience: int = 0  # stop after this many evaluations without improvement; 0: off
+    target_val_loss: float = 0.0  # stop (and save the model) after an evaluation with val_loss <= this; 0: off
     ckpt_every: int = 500  # 0: only at the end
     keep_last: int = 3
     log_every: int = 10
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
-    threads: int = 0  # CPU threads for torch; 0: all cores
+    threads: int = 0  # CPU threads for torch; 0: the CPUs other processes leave free, re-checked (threads.py)
 
     def validate(self) -> None:
         positive = ["micro_batch_size", "max_steps", "log_every", "keep_last", "max_nonfinite"]
         for name in positive:
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be at least 1")
         non_negative = ["seq_len", "tokens_per_step", "warmup_steps", "eval_every", "eval_tokens", "patience",
-                        "ckpt_every", "grad_clip", "weight_decay", "max_time", "threads"]
+                        "target_val_loss", "ckpt_every", "grad_clip", "weight_decay", "max_time", "threads"]
         for name in non_negative:
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be positive")

@@ -162,6 +162,7 @@ def test_config_from_dict_builds_nested_dataclasses():
         (["train.weight_decay=-0.1"], "train.weight_decay"),
         (["train.grad_clip=-1"], "train.grad_clip"),
         (["train.max_time=-1"], "train.max_time"),
+        (["train.target_val_loss=-1"], "train.target_val_loss"),
         (["train.min_lr_ratio=1.5"], "train.min_lr_ratio"),
         (["train.decay_fraction=0"], "train.decay_fraction"),
         (["train.beta1=1.0"], "train.beta1"),
@@ -299,6 +300,7 @@ NOMINAL = [
     ("qwen3-0.6b", 151936, 0.6e9, 0.02),
     ("tiny", 264, 1e6, 0.15),
     ("tiny", 32000, 5e6, 0.02),
+    ("speedrun-cpu", 320, 0.68e6, 0.01),  # the byte tokenizer's 264 tokens, rounded up to 320
 ]
 
 
@@ -351,7 +353,8 @@ def test_save_round_trips_non_default_values(tmp_path):
                           bias=True, tie_embeddings=False, init_std=0.01, dropout=0.1),
         data=DataConfig(path="/tmp/x y/data"),
         train=TrainConfig(seed=5, dtype="fp32", seq_len=64, lr=1.5e-4, schedule="wsd", decay_fraction=0.3,
-                          compile=True, activation_checkpointing=True, nonfinite="stop", max_time=12.5),
+                          compile=True, activation_checkpointing=True, nonfinite="stop", max_time=12.5,
+                          target_val_loss=1.88),
     ).validate()
     path = tmp_path / "run" / "commonlm.yaml"
     cfg.save(path)
