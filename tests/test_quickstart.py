@@ -2,7 +2,8 @@
 
 import pytest
 
-from commonlm.quickstart import quickstart
+from commonlm.api import load
+from commonlm.quickstart import PROMPTS, SAMPLING, quickstart
 
 
 @pytest.mark.slow
@@ -13,7 +14,12 @@ def test_quickstart_trains_and_improves(tmp_path, capsys):
     for part in ("tokenizer/tokenizer.json", "data/index.json", "run/loss.png", "run/final/model.safetensors"):
         assert (tmp_path / "qs" / part).is_file(), part
     printed = capsys.readouterr().out
-    assert printed.count("def") >= 1 and "class" in printed
+    # the samples it prints are the saved model's own seeded continuations, not just the prompts
+    model = load(report["final_dir"])
+    continuations = [model.generate(prompt, seed=i, **SAMPLING) for i, prompt in enumerate(PROMPTS)]
+    assert any(continuations)
+    for prompt, continuation in zip(PROMPTS, continuations):
+        assert prompt + continuation in printed, (prompt, continuation)
 
 
 @pytest.mark.slow

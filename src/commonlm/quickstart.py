@@ -16,6 +16,7 @@ from commonlm.errors import UserError
 from commonlm.utils import console
 
 PROMPTS = ["def", "class", "import"]
+SAMPLING = {"max_tokens": 120, "temperature": 0.7, "top_k": 40}  # sample i is drawn with seed=i
 
 
 def quickstart(out: str | Path = "runs/quickstart", train_seconds: float = 240.0, overwrite: bool = False,
@@ -60,7 +61,7 @@ def quickstart(out: str | Path = "runs/quickstart", train_seconds: float = 240.0
     model = load(result.final_dir)
     for i, prompt in enumerate(PROMPTS):
         console.rule(f"sample {i + 1}", style="dim")
-        print(prompt + model.generate(prompt, max_tokens=120, temperature=0.7, top_k=40, seed=i), flush=True)
+        print(prompt + model.generate(prompt, seed=i, **SAMPLING), flush=True)
     console.rule()
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Try: commonlm generate {out / 'run'} --prompt 'def '")
     return {"before": before, "after": after, "steps": result.step, "final_dir": result.final_dir, "exit_status": 0}
