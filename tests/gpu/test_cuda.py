@@ -11,6 +11,7 @@ from commonlm.infer.generate import generate_ids
 from commonlm.infer.quant import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_model
 from commonlm.model.decoder import Decoder
 from tests.infer.test_compiled import compiled_and_eager_logits
+from tests.infer.test_generate import greedy_disagreements
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,9 +42,12 @@ def test_cuda_compiled_step_matches_eager():
     assert (steps - full).abs().max() / full.abs().max() < 1e-3
 
 
-def test_cuda_compiled_generation_runs_in_bf16():
-    m = model("gpt2").cuda().to(torch.bfloat16)
-    assert len(generate_ids(m, [5, 17, 99], max_tokens=24, temperature=0.0, compile=True)) == 24
+def test_cuda_compiled_bf16_greedy_matches_cpu():
+    cpu = model("gpt2").to(torch.bfloat16).float()  # the GPU's bf16 weights, in fp32 on the CPU
+    gpu = copy.deepcopy(cpu).cuda().to(torch.bfloat16)
+    tokens = generate_ids(gpu, [5, 17, 99], max_tokens=24, temperature=0.0, compile=True)
+    assert len(tokens) == 24 and len(set(tokens)) > 1
+    assert greedy_disagreements(cpu, [5, 17, 99], tokens) == []
 
 
 def test_cuda_int8_layer():
@@ -67,8 +71,14 @@ def test_cuda_int4_layer(in_features):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_cuda_quantized_model_decodes(mode):
-    m = quantize_model(model("llama").cuda().to(torch.bfloat16), mode, dtype=torch.bfloat16)
-    kinds = {type(x) for x in m.modules()}
+def test_cuda_quantized_greedy_matches_cpu(mode):
+    """The same weights quantized on each device (CPU kernels are tested in tests/infer): the GPU's greedy tokens
+    are the CPU's choices after the same prefix."""
+    cpu = quantize_model(model("llama").to(torch.bfloat16), mode, dtype=torch.bfloat16)
+    gpu = quantize_model(model("llama").cuda().to(torch.bfloat16), mode, dtype=torch.bfloat16)
+    kinds = [type(x) for x in gpu.modules()]
     assert (Int8Linear if mode == "int8" else Int4Linear) in kinds
-    assert len(generate_ids(m, [1, 2, 3], max_tokens=16, temperature=0.0)) == 16
+    assert kinds == [type(x) for x in cpu.modules()]  # the same layers quantized on both
+    tokens = generate_ids(gpu, [1, 2, 3], max_tokens=16, temperature=0.0)
+    assert len(tokens) == 16 and len(set(tokens)) > 1
+    assert greedy_disagreements(cpu, [1, 2, 3], tokens) == []

@@ -1,5 +1,6 @@
 """Sampling and generation: sample_next, greedy/seeded generation with the KV cache, streaming and stops."""
 
+import copy
 from collections import Counter
 
 import pytest
@@ -97,6 +98,19 @@ def greedy_by_full_forward(model: Decoder, prompt: list[int], n: int) -> list[in
     return out
 
 
+def greedy_disagreements(reference: Decoder, prompt: list[int], tokens: list[int], tol: float = 0.03) -> list[int]:
+    """The steps at which `tokens`, a greedy continuation of `prompt` computed elsewhere (another device, dtype or
+    kernel), is not `reference`'s greedy choice after the same prefix: its logit falls more than `tol` times the
+    step's largest |logit| below the best. One full forward over prompt + tokens (teacher forcing), so a near-tie
+    decided the other way flags its own step, not every later one. Also used by tests/gpu."""
+    ids = torch.tensor([prompt + tokens], device=reference.embed.weight.device)
+    with torch.no_grad():
+        logits = reference(ids)[0][0, len(prompt) - 1 : -1].float().cpu()
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    gaps = (logits.amax(-1) - chosen) / logits.abs().amax(-1)
+    return [step for step, gap in enumerate(gaps.tolist()) if gap > tol]
+
+
 # -- sample_next ------------------------------------------------------------------------------------------
 
 
@@ -176,6 +190,20 @@ def test_greedy_matches_full_forward_argmax(family, prompt_len):
     ours = generate_ids(model, prompt, max_tokens=30, temperature=0.0)
     assert ours == greedy_by_full_forward(model, prompt, 30)
     assert len(set(ours)) > 1  # not a degenerate constant output
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_disagreements_accepts_a_bf16_run_and_flags_a_wrong_token(family):
+    """The check tests/gpu compares GPU greedy tokens with the CPU by: a bf16 run of the same weights passes against
+    the fp32 model; the same tokens with the last one swapped for the fp32 model's worst choice are flagged there."""
+    reference = random_model(family, seed=1, scale=0.1)
+    prompt = [5, 17, 99]
+    tokens = generate_ids(copy.deepcopy(reference).to(torch.bfloat16), prompt, max_tokens=24, temperature=0.0)
+    assert len(tokens) == 24 and len(set(tokens)) > 1
+    assert greedy_disagreements(reference, prompt, tokens) == []
+    with torch.no_grad():
+        worst = int(reference(torch.tensor([prompt + tokens[:-1]]))[0][0, -1].argmin())
+    assert greedy_disagreements(reference, prompt, tokens[:-1] + [worst]) == [23]
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1, 5, 17])
