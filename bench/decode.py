@@ -3,15 +3,14 @@
     .venv/bin/python bench/decode.py                       # GPT-2-small shape, random weights
     .venv/bin/python bench/decode.py --quality runs/quickstart/run/final --data runs/quickstart/data
 
-Both engines decode the same weights: our model is saved as a model directory and transformers loads
-that directory. Prompt of 32 random tokens, 128 new tokens, greedy (as in shared/research/
-inference-baseline.md). TTFT = from the call to the first new token (includes the prefill); decode
-ms/token = (time of token 128 - time of token 1) / 127. The memory-bandwidth limit is bytes of weights
-read per token divided by the copy bandwidth measured in this run (read+write bytes, as STREAM counts;
-measured before and after the timings, the larger kept: this host is shared).
-Rows marked "compiled" decode through `stream_ids(..., compile=True)` (`generate --compile`); the warm-up
-run before the timed ones pays for the compilation. With --quality, the validation perplexity of a trained
-model is measured in each precision.
+Both engines decode the same weights: our model is saved as a model directory and transformers loads that
+directory. Prompt of 32 random tokens, 128 new tokens, greedy. TTFT = from the call to the first new token
+(includes the prefill); decode ms/token = (time of token 128 - time of token 1) / 127. The memory-bandwidth
+limit is bytes of weights read per token divided by the copy bandwidth measured in this run (read+write bytes,
+as STREAM counts; measured before and after the timings, the larger kept: this host is shared). Rows marked
+"compiled" decode through `stream_ids(..., compile=True)` (`generate --compile`); the warm-up run before the
+timed ones pays for the compilation. With --quality, the validation perplexity of a trained model is measured
+in each precision.
 """
 
 from __future__ import annotations
