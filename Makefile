@@ -1,6 +1,6 @@
 # One-command setup for a fresh machine. `make demo` and `make test` install what they need.
 # PY: the Python to use. By default a project venv in .venv; pass PY=/path/to/python to use your own
-# environment (your own torch is kept).
+# environment (your own torch is kept if it is a 2.13 release, see pyproject.toml).
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
