@@ -93,12 +93,15 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig) -> None:
+def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig,
+                      weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the model-directory files into an existing (usually temporary) directory: a transformers
-    directory when the family's class holds every tensor and setting of the model, else the native one."""
+    directory when the family's class holds every tensor and setting of the model, else the native one.
+    `weights`: the model's whole state dict when the caller gathered it already (a sharded model's)."""
     directory = Path(directory)
     c = model.config
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in _unwrap(model).state_dict().items()}
+    weights = _unwrap(model).state_dict() if weights is None else weights
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}
     eos_id = tokenizer.token_id(tokenizer.eos_token)
     reason = hf.hf_incompatibility(c, state)
     if reason is None:
@@ -119,10 +122,11 @@ def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenize
     atomic_write_text(directory / "commonlm.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
-def save_model_dir(path: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig) -> Path:
+def save_model_dir(path: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig,
+                   weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete model directory atomically (replacing an older one at `path`)."""
     with atomic_dir(path, overwrite=True) as tmp:
-        write_model_files(tmp, model, tokenizer, config)
+        write_model_files(tmp, model, tokenizer, config, weights)
     return Path(path)
 
 

@@ -210,3 +210,13 @@ def test_commonlm_train_stopped_by_a_signal_saves_and_exits_128_plus_the_signal(
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] >= 5 and "resume with" in out and "Traceback" not in out
     assert math.isfinite(train_losses(run_dir)[-1])
+
+
+def test_a_target_validation_loss_stops_the_run_and_saves_the_model(byte_data, tmp_path):
+    result = train(small_config(byte_data, "train.max_steps=50", "train.eval_every=2", "train.eval_tokens=512",
+                                "train.target_val_loss=50"), tmp_path / "r")
+    assert result.stopped_because == "target_val_loss" and result.step == 2  # the first evaluation reaches it
+    assert result.final_dir is not None and result.val["val_loss"] <= 50
+    far = train(small_config(byte_data, "train.max_steps=4", "train.eval_every=2", "train.eval_tokens=512",
+                             "train.target_val_loss=0.01"), tmp_path / "far")
+    assert far.stopped_because == "max_steps" and far.step == 4

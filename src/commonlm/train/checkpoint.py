@@ -56,11 +56,14 @@ def save_checkpoint(
     config: RunConfig,
     state: dict[str, Any],
     keep_last: int,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Written by one process (rank 0); `weights` is the whole model's state dict when the caller gathered it
+    (train/parallel.py's full_state_dict: a sharded model's weights live on every rank)."""
     step = int(state["step"])
     final = checkpoint_dir(run_dir) / f"step_{step:06d}"
     with atomic_dir(final, overwrite=True) as tmp:
-        write_model_files(tmp, _unwrap(model), tokenizer, config)
+        write_model_files(tmp, _unwrap(model), tokenizer, config, weights)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():

@@ -1,12 +1,16 @@
-"""The pretraining loop: one process or many under torchrun (DDP), CPU or GPU.
+"""The training loop, the one of every objective: one process or many under torchrun (DDP), CPU or GPU.
 
-    train(config, out)                fresh run into `out`
-    train(config, out, resume=True)   continue from the newest checkpoint in `out`, exactly
+    train(config, out)                      pretraining (train/objective.py's NextToken) into `out`
+    train(config, out, resume=True)         continue from the newest checkpoint in `out`, exactly
+    train(config, out, objective=MyObjective)   the same loop for another objective (fine-tuning, ...)
 
-A step = gradient accumulation over micro-batches until `tokens_per_step`, clip, AdamW. Around it:
-periodic evaluation and checkpoints, early stopping, a non-finite-loss guard, and SIGINT/SIGTERM,
-which finish the current step, save a checkpoint and return. Everything a stage after training needs
-lands in `out/final` (a model directory).
+Setup: build the model (on the meta device, then initialise or load it in place), parallelize it
+(train/parallel.py: compile, DDP), then its optimizer. A step = the objective's micro-batches until
+`tokens_per_step`, each micro-batch's loss summed over its target tokens and divided by the target tokens
+of the whole step (all micro-batches, all ranks), clip, AdamW. Around it: periodic evaluation and
+checkpoints, early stopping (patience, or a target validation loss), a non-finite-loss guard, and
+SIGINT/SIGTERM, which finish the current step, save a checkpoint and return. Loss and gradient norm
+reach the host only at log steps. Everything a stage after training needs lands in `out/final`.
 """
 
 from __future__ import annotations
@@ -15,26 +19,25 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from commonlm.config import RunConfig, config_from_dict, read_yaml
-from commonlm.data.loader import TokenData, TrainBatches
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
-from commonlm.evaluate.evaluate import evaluate
 from commonlm.model.decoder import Decoder
-from commonlm.model.loss import lm_loss
 from commonlm.modeldir import load_model_dir, save_model_dir
-from commonlm.runtime import autocast, pick_device, pick_dtype
+from commonlm.runtime import pick_device, pick_dtype
 from commonlm.train import checkpoint as ckpt
 from commonlm.train.metrics import Metrics, measure_peak_flops, plot_losses
+from commonlm.train.objective import NextToken, Objective
 from commonlm.train.optim import lr_at, make_optimizer
+from commonlm.train.parallel import build_model, full_state_dict, init_weights, parallelize
 from commonlm.utils import console, human
 from commonlm.world import World, all_reduce_sum, barrier, close_world, init_world
 
@@ -44,7 +47,7 @@ class TrainResult:
     run_dir: Path
     final_dir: Path | None
     step: int
-    stopped_because: str  # "max_steps" | "max_time" | "patience" | "signal" | "stop_at_step"
+    stopped_because: str  # "max_steps" | "max_time" | "patience" | "target_val_loss" | "signal" | "stop_at_step"
     last_loss: float
     val: dict[str, float] | None
     model: Decoder  # this process's trained model (every rank's is identical under DDP)
@@ -108,12 +111,17 @@ def seq_len_of(config: RunConfig) -> int:
     return config.train.seq_len or config.model.max_seq_len
 
 
+# How the loop gets its objective: a class (or function) taking the run's config, world, device and autocast dtype
+MakeObjective = Callable[[RunConfig, World, torch.device, torch.dtype], Objective]
+
+
 def train(
     config: RunConfig,
     out: str | Path,
     resume: bool = False,
     init: str | Path | None = None,
     stop_at_step: int | None = None,
+    objective: MakeObjective = NextToken,
 ) -> TrainResult:
     """Train `config` into the run directory `out`. See the module docstring."""
     out = Path(out)
@@ -123,12 +131,12 @@ def train(
     try:
         if world.distributed and device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
-        return _train(config, out, resume, init, stop_at_step, device, world)
+        return _train(config, out, resume, init, stop_at_step, device, world, objective)
     finally:
         close_world(world)
 
 
-def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResult:
+def _train(config, out, resume, init, stop_at_step, device, world, make_objective) -> TrainResult:
     cfg = config.train
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // world.size) if device.type == "cpu" else 0)
     if threads:
@@ -137,89 +145,77 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # -- data and tokenizer ------------------------------------------------------------------------
+    # -- tokenizer and run directory ---------------------------------------------------------------
     if not config.data.path:
         raise UserError("no training data: pass --data DIR (made by `commonlm data prepare`)")
-    data = TokenData(config.data.path)
-    tokenizer = Tokenizer.load(data.path)
-    data.check_tokenizer(tokenizer)
-    seq_len = seq_len_of(config)
-
-    # -- run directory -----------------------------------------------------------------------------
+    tokenizer = Tokenizer.load(config.data.path)
     latest = ckpt.latest_checkpoint(out) if resume else None
     if resume and latest is None:
         raise UserError(f"--resume: no checkpoint in {out}/checkpoints; start a fresh run without --resume")
     if latest is not None and Tokenizer.load(latest).hash != tokenizer.hash:  # say, --data pointed elsewhere
-        raise UserError(f"--resume {out}: the data in {data.path} was prepared with another tokenizer than the run's; "
-                        f"resume on the run's own data, or prepare this text again with --tokenizer {latest}")
+        raise UserError(f"--resume {out}: the data in {config.data.path} was prepared with another tokenizer than "
+                        f"the run's; resume on the run's own data, or prepare this text again with --tokenizer "
+                        f"{latest}")
     if not resume and (ckpt.latest_checkpoint(out) or (out / "final").exists()):
         raise UserError(f"{out} already holds a run; continue it with --resume, or choose another --out")
 
-    # -- model -------------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if init is not None:
+    # -- model: build, place, parallelize; then its optimizer --------------------------------------
+    if latest is not None:
+        model, _, _ = load_model_dir(latest, device=device)
+    elif init is not None:
         from commonlm.api import resolve_model_path
 
         init = resolve_model_path(init)  # a model directory, or a run (its final/ model or newest checkpoint)
-        model, init_tok, _ = load_model_dir(init)
+        model, init_tok, _ = load_model_dir(init, device=device)
         if init_tok.hash != tokenizer.hash:
             raise UserError(f"--init {init}: its tokenizer differs from the data's; prepare the data with {init}")
         config.model = model.config
     else:
         resolve_vocab(config, tokenizer)
-        model = Decoder(config.model)
+        model = build_model(config, meta=True)
+        init_weights(model, cfg.seed, device)  # the same weights on every rank
     config.validate()
-    model.to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = make_optimizer(model, cfg, device)
-    batches = TrainBatches(data, seq_len, cfg.micro_batch_size, seed=cfg.seed, rank=world.rank, world=world.size)
+    raw_model = model
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    dtype = pick_dtype(cfg.dtype, device)
+    model = parallelize(raw_model, config, world, device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    objective = make_objective(config, world, device, dtype)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "best_val_loss": None, "evals_since_best": 0,
-                             "nonfinite_streak": 0, "data": batches.state_dict(), "elapsed": 0.0}
+                             "nonfinite_streak": 0, "data": objective.state_dict(), "elapsed": 0.0}
     if latest is not None:
-        saved, _, _ = load_model_dir(latest, device=device)
-        model.load_state_dict(saved.state_dict())
         state = ckpt.load_training_state(latest, optimizer, device)
-        batches.load_state_dict(state["data"])
+        objective.load_state_dict(state["data"])
     elif world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "commonlm.yaml")
     if world.is_main:
         ckpt.clean_partial(out)
 
-    raw_model = model
-    if world.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    dtype = pick_dtype(cfg.dtype, device)
+    seq_len = seq_len_of(config)
     accum = grad_accum_steps(config, world)
     tokens_per_step = accum * cfg.micro_batch_size * seq_len * world.size
     flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
     peak = measure_peak_flops(device, dtype) * world.size
     metrics = Metrics(out, cfg.max_steps, state["step"], enabled=world.is_main)
     if world.is_main:
-        _print_summary(raw_model, config, device, dtype, world, accum, tokens_per_step, data, peak, latest)
-        if not data.has_split("val"):
-            console.print(f"[yellow]warning: {data.path} has no validation split, so this run measures no validation "
-                          "loss and cannot stop early; prepare the data with --val-fraction 0.01 for one[/]",
-                          soft_wrap=True)
+        _print_summary(raw_model, config, device, dtype, world, accum, tokens_per_step, objective, peak, latest)
 
     def run_eval(step: int) -> dict[str, float] | None:
-        if not data.has_split("val"):
-            return None
-        result = evaluate(model, data, seq_len, cfg.micro_batch_size, cfg.eval_tokens, device=device,
-                          dtype=dtype, world=world)
-        values = result.as_dict()
-        metrics.log({"step": step, **values},
-                    f"step {step}: val loss {result.loss:.4f} · ppl {result.perplexity:.2f} · "
-                    f"bpb {result.bits_per_byte:.4f}")
+        values = objective.evaluate(model)
+        if values is not None:
+            formats = {"val_loss": ".4f", "val_ppl": ".2f", "val_bpb": ".4f"}
+            shown = " · ".join(f"{k.removeprefix('val_')} {v:{formats.get(k, '.4g')}}" for k, v in values.items()
+                               if k != "val_tokens")
+            metrics.log({"step": step, **values}, f"step {step}: val {shown}")
         return values
 
     def save(step_state: dict[str, Any]) -> Path | None:
+        weights = full_state_dict(model)  # every rank: a sharded model gathers here
         path = None
         if world.is_main:
-            path = ckpt.save_checkpoint(out, raw_model, optimizer, tokenizer, config, step_state, cfg.keep_last)
+            path = ckpt.save_checkpoint(out, raw_model, optimizer, tokenizer, config, step_state, cfg.keep_last,
+                                        weights=weights)
         barrier(world)
         return path
 
@@ -239,29 +235,33 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
             lr = lr_at(step, cfg, used / cfg.max_time if cfg.max_time else 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            micro_batches = [objective.next_batch() for _ in range(accum)]
+            # every target token of the step weighs the same: divide by their number, over micro-batches and ranks
+            targets = all_reduce_sum(sum(objective.targets(b) for b in micro_batches), world)
             loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = batches.next()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            extra: dict[str, torch.Tensor] = {}
+            for micro, batch in enumerate(micro_batches):
                 last = micro == accum - 1
                 # DDP: all-reduce gradients only after the last micro-batch
                 ctx = model.no_sync() if world.distributed and not last and hasattr(model, "no_sync") else nullcontext()
                 with ctx:
-                    with autocast(device, dtype):
-                        logits, _ = model(x)
-                        loss = lm_loss(logits, y)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            # one small all-reduce carries the mean loss and everybody's stop request
-            flags = torch.stack([loss_sum / accum, torch.tensor(float(stop_signal.requested), device=device)])
-            flags = all_reduce_sum(flags.float(), world)
-            loss_value = flags[0].item() / world.size
-            stop_requested = flags[1].item() > 0
+                    total, parts = objective.loss(model, batch)
+                    # DDP averages the gradients of the ranks; the step wants their sum over all targets
+                    (total / targets if world.size == 1 else total * world.size / targets).backward()
+                loss_sum += total.detach()
+                for name, value in parts.items():
+                    extra[name] = extra.get(name, 0) + value.detach()
+            # one small all-reduce carries the summed loss, the metrics and everybody's stop request
+            flags = torch.stack([loss_sum, torch.tensor(float(stop_signal.requested), device=device),
+                                 *extra.values()]).float()
+            flags = all_reduce_sum(flags, world)
+            finite_and_stop = torch.stack([flags[0].isfinite(), flags[1] > 0]).tolist()  # the one sync per step
+            stop_requested = finite_and_stop[1]
 
-            if not math.isfinite(loss_value):
+            if not finite_and_stop[0]:
                 optimizer.zero_grad(set_to_none=True)
                 state["nonfinite_streak"] += 1
-                msg = f"non-finite loss ({loss_value}) at step {step}"
+                msg = f"non-finite loss ({(flags[0] / targets).item()}) at step {step}"
                 if cfg.nonfinite == "stop" or state["nonfinite_streak"] >= cfg.max_nonfinite:
                     metrics.close()
                     raise UserError(
@@ -270,33 +270,36 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
                     )
                 metrics.note(f"[yellow]{msg}: step skipped ({state['nonfinite_streak']} in a row)[/]")
                 state["step"] += 1  # the schedule moves on; the data position already has
-                state["data"] = batches.state_dict()
+                state["data"] = objective.state_dict()
                 continue
             state["nonfinite_streak"] = 0
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["tokens"] += tokens_per_step
-            state["data"] = batches.state_dict()
-            last_loss = loss_value
+            state["data"] = objective.state_dict()
             step = state["step"]
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logging_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            if logging_now or stop_requested:
+                last_loss = (flags[0] / targets).item()
+            if logging_now:
                 now = time.perf_counter()
                 tok_s = (state["tokens"] - tokens_at_log) / max(now - t_log, 1e-9)
                 mfu = tok_s / tokens_per_step * flops_per_step / peak
                 t_log, tokens_at_log = now, state["tokens"]
-                record = {"step": step, "loss": loss_value, "lr": lr, "tokens": state["tokens"],
+                record = {"step": step, "loss": last_loss, "lr": lr, "tokens": state["tokens"],
                           "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
                 if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
+                    record["grad_norm"] = grad_norm.item()
+                record.update({name: (value / targets).item() for name, value in zip(extra, flags[2:])})
                 where = f"step {step}/{cfg.max_steps}"
                 if cfg.max_time:
                     where = f"step {step} · {used:.0f}/{cfg.max_time:.0f}s"
-                metrics.log(record, f"{where} · loss {loss_value:.4f} · lr {lr:.2e} · "
+                metrics.log(record, f"{where} · loss {last_loss:.4f} · lr {lr:.2e} · "
                                     f"{human(tok_s)} tok/s · MFU {100 * mfu:.1f}%")
 
             state["elapsed"] = elapsed_before + time.perf_counter() - t_start
@@ -304,19 +307,12 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
             # a stop request skips a pending evaluation (minutes on a large split): save and leave at once
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and not stop_requested:
                 val = run_eval(step)
-                if val is not None and cfg.patience:
-                    best = state["best_val_loss"]
-                    if best is None or val["val_loss"] < best:
-                        state["best_val_loss"], state["evals_since_best"] = val["val_loss"], 0
-                    else:
-                        state["evals_since_best"] += 1
-                        if state["evals_since_best"] >= cfg.patience:
-                            stop = "patience"
+                stop = _stop_after_eval(val, state, cfg)
             if stop_requested:
                 stop = "signal"
-            elif cfg.max_time and state["elapsed"] >= cfg.max_time:
+            elif stop is None and cfg.max_time and state["elapsed"] >= cfg.max_time:
                 stop = "max_time"
-            elif stop_at_step is not None and step >= stop_at_step:
+            elif stop is None and stop_at_step is not None and step >= stop_at_step:
                 stop = "stop_at_step"
             if stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
                 save(state)
@@ -325,10 +321,12 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
                 break
 
     final_dir = None
-    if stopped in ("max_steps", "patience", "max_time"):
-        val = run_eval(state["step"]) or val
+    if stopped in ("max_steps", "patience", "max_time", "target_val_loss"):
+        if stopped != "target_val_loss":  # (that one was just measured)
+            val = run_eval(state["step"]) or val
+        weights = full_state_dict(model)
         if world.is_main:
-            final_dir = save_model_dir(out / "final", raw_model, tokenizer, config)
+            final_dir = save_model_dir(out / "final", raw_model, tokenizer, config, weights=weights)
         barrier(world)
     metrics.close()
     if world.is_main:
@@ -338,15 +336,32 @@ def _train(config, out, resume, init, stop_at_step, device, world) -> TrainResul
     return TrainResult(out, final_dir, state["step"], stopped, last_loss, val, raw_model, stop_signal.signum)
 
 
-def _print_summary(model, config, device, dtype, world, accum, tokens_per_step, data, peak, latest) -> None:
+def _stop_after_eval(val: dict[str, float] | None, state: dict[str, Any], cfg) -> str | None:
+    """"target_val_loss" once validation reaches the target, "patience" after that many evaluations without a
+    new best, else None (the best and the count live in `state`, so that they survive a resume)."""
+    if val is None:
+        return None
+    if cfg.target_val_loss and val["val_loss"] <= cfg.target_val_loss:
+        return "target_val_loss"
+    if cfg.patience:
+        best = state["best_val_loss"]
+        if best is None or val["val_loss"] < best:
+            state["best_val_loss"], state["evals_since_best"] = val["val_loss"], 0
+        else:
+            state["evals_since_best"] += 1
+            if state["evals_since_best"] >= cfg.patience:
+                return "patience"
+    return None
+
+
+def _print_summary(model, config, device, dtype, world, accum, tokens_per_step, objective, peak, latest) -> None:
     c, t = config.model, config.train
     lines = [
         f"model    {c.family}-style · {human(model.num_params())} params "
         f"({human(model.num_params(exclude_embeddings=True))} without embeddings) · "
         f"{c.n_layer} layers · d_model {c.d_model} · {c.n_head} heads ({c.kv_heads} kv) · vocab {c.vocab_size} · "
         f"{human(model.flops_per_token(seq_len_of(config)))}FLOP/token (train)",
-        f"data     {data.path} · train {human(data.tokens('train'))} tokens"
-        + (f" · val {human(data.tokens('val'))} tokens" if data.has_split("val") else " · no val split"),
+        f"data     {objective.describe()}",
         f"step     {human(tokens_per_step)} tokens = {t.micro_batch_size} seqs × {seq_len_of(config)} tokens × "
         f"{accum} accum × {world.size} procs · {t.max_steps} steps"
         + (f" or {t.max_time:g}s" if t.max_time else "") + f" · lr {t.lr:g} ({t.schedule})",
