@@ -38,6 +38,8 @@ bench: setup
 	$(PY) bench/data_prepare.py
 	$(PY) bench/decode.py
 	$(PY) bench/serve_throughput.py
+	$(PY) bench/contention.py
+	$(PY) bench/startup.py
 
 lint: setup
 	$(PY) -m ruff check src tests bench

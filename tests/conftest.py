@@ -1,5 +1,6 @@
 """Shared fixtures: a small prepared corpus built from synthetic text (no network, no shared data)."""
 
+import os
 import random
 
 import pytest
@@ -22,6 +23,19 @@ def synthetic_corpus(directory, n_docs: int = 60, seed: int = 0):
             lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))))
         (directory / f"doc_{i:03d}.txt").write_text(f"# document {i}\n" + "\n".join(lines) + "\n")
     return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """What commonlm remembers between runs (the measured matmul peak) goes to a temporary directory, not to the
+    user's ~/.cache, for this process and the commands the tests start."""
+    before = os.environ.get("COMMONLM_CACHE_DIR")
+    os.environ["COMMONLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("COMMONLM_CACHE_DIR", None)
+    else:
+        os.environ["COMMONLM_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

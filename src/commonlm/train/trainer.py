@@ -16,7 +16,6 @@ reach the host only at log steps. Everything a stage after training needs lands 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -33,8 +32,9 @@ from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 from commonlm.modeldir import load_model_dir, save_model_dir
 from commonlm.runtime import pick_device, pick_dtype
+from commonlm.threads import ThreadGovernor, available_cpus
 from commonlm.train import checkpoint as ckpt
-from commonlm.train.metrics import Metrics, measure_peak_flops, plot_losses
+from commonlm.train.metrics import Metrics, peak_flops, plot_losses
 from commonlm.train.objective import NextToken, Objective
 from commonlm.train.optim import lr_at, make_optimizer
 from commonlm.train.parallel import build_model, full_state_dict, init_weights, parallelize
@@ -138,9 +138,12 @@ def train(
 
 def _train(config, out, resume, init, stop_at_step, device, world, make_objective) -> TrainResult:
     cfg = config.train
-    threads = cfg.threads or (max(1, (os.cpu_count() or 1) // world.size) if device.type == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
+    governor = None  # train.threads=0 on CPU: the CPUs other processes leave free, re-checked (commonlm/threads.py)
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu":
+        governor = ThreadGovernor(cap=max(1, available_cpus() // world.size))
+        torch.set_num_threads(governor.cap)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -196,7 +199,11 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
     accum = grad_accum_steps(config, world)
     tokens_per_step = accum * cfg.micro_batch_size * seq_len * world.size
     flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
-    peak = measure_peak_flops(device, dtype) * world.size
+    if governor is not None:
+        governor.update(force=True)  # the first look, over the setup above
+    # MFU is against all the CPUs the run may use, however many threads it runs at the moment
+    peak = peak_flops(device, dtype, threads=governor.cap if governor else 0,
+                      remember=governor is None or governor.quiet) * world.size
     metrics = Metrics(out, cfg.max_steps, state["step"], enabled=world.is_main)
     if world.is_main:
         _print_summary(raw_model, config, device, dtype, world, accum, tokens_per_step, objective, peak, latest)
@@ -282,6 +289,9 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
             state["tokens"] += tokens_per_step
             state["data"] = objective.state_dict()
             step = state["step"]
+            if governor is not None and (threads := governor.update()):
+                metrics.note(f"CPU threads → {threads}: other processes are using {governor.others:.1f} "
+                             f"of {len(governor.cpus)} CPUs")
 
             logging_now = step % cfg.log_every == 0 or step == cfg.max_steps
             if logging_now or stop_requested:
