@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,18 @@ def _device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# Data-sheet dense bf16 tensor-core FLOP/s (without sparsity) of common GPUs, by a pattern of their CUDA name, the
+# first match winning. Our MFU is against the matmul rate measured on the device (what it reaches); other projects
+# quote MFU against these rated figures, so GPU figures are given against both. NVL boards: sources disagree.
+RATED_BF16_PEAK = {r"NVL": None, r"H100.*PCIe": 756e12, r"H100|H200": 989e12, r"A100": 312e12, r"\bL4\b": 121e12,
+                   r"RTX 4090": 165e12}
+
+
+def rated_peak_flops(name: str) -> float | None:
+    """The rated dense bf16 peak of a GPU named `name` (torch.cuda.get_device_name), or None when unknown."""
+    return next((peak for pattern, peak in RATED_BF16_PEAK.items() if re.search(pattern, name)), None)
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
