@@ -34,7 +34,7 @@ from commonlm.modeldir import load_model_dir, save_model_dir
 from commonlm.runtime import pick_device, pick_dtype
 from commonlm.threads import ThreadGovernor, available_cpus
 from commonlm.train import checkpoint as ckpt
-from commonlm.train.metrics import Metrics, peak_flops, plot_losses
+from commonlm.train.metrics import Metrics, peak_flops, plot_losses, rated_peak_flops
 from commonlm.train.objective import NextToken, Objective
 from commonlm.train.optim import lr_at, make_optimizer
 from commonlm.train.parallel import build_model, full_state_dict, init_weights, parallelize
@@ -204,6 +204,9 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
     # MFU is against all the CPUs the run may use, however many threads it runs at the moment
     peak = peak_flops(device, dtype, threads=governor.cap if governor else 0,
                       remember=governor is None or governor.quiet) * world.size
+    # a known GPU's rated bf16 peak as well: the figure other projects' MFU is against
+    rated = rated_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    rated = rated * world.size if rated else None
     metrics = Metrics(out, cfg.max_steps, state["step"], enabled=world.is_main)
     if world.is_main:
         _print_summary(raw_model, config, device, dtype, world, accum, tokens_per_step, objective, peak, latest)
@@ -303,6 +306,8 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
                 t_log, tokens_at_log = now, state["tokens"]
                 record = {"step": step, "loss": last_loss, "lr": lr, "tokens": state["tokens"],
                           "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+                if rated:
+                    record["mfu_rated"] = round(tok_s / tokens_per_step * flops_per_step / rated, 4)
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
                 record.update({name: (value / targets).item() for name, value in zip(extra, flags[2:])})
