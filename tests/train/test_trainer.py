@@ -120,6 +120,22 @@ def test_non_finite_loss_is_skipped_then_stops_after_too_many(byte_data, tmp_pat
         train(config, tmp_path / "r", init=init)
 
 
+def test_skipped_steps_between_log_steps_leave_the_weights_alone(byte_data, tmp_path):
+    """With log steps 10 apart the host looks at the loss only then: the optimizer itself skips each
+    non-finite step on the device (fused AdamW), so nothing of the poisoned weights moves, and the run
+    says how many steps it skipped when it looks."""
+    from commonlm.modeldir import load_model_dir
+
+    init = _poisoned_model(byte_data, tmp_path / "nan-model")
+    config = small_config(byte_data, "train.max_steps=4", "train.log_every=10", "train.nonfinite=skip",
+                          "train.max_nonfinite=100", "train.ckpt_every=0")
+    result = train(config, tmp_path / "r", init=init)
+    before = load_model_dir(init)[0].state_dict()
+    after = result.model.state_dict()
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)  # (NaN != NaN)
+    assert result.step == 4 and result.stopped_because == "max_steps"
+
+
 def test_early_stopping_on_validation_patience(byte_data, tmp_path):
     # a learning rate far too high makes validation loss go up; patience 2 stops the run early
     config = small_config(byte_data, "train.max_steps=200", "train.lr=0.5", "train.warmup_steps=0",

@@ -9,8 +9,9 @@ Setup: build the model (on the meta device, then initialise or load it in place)
 `tokens_per_step`, each micro-batch's loss summed over its target tokens and divided by the target tokens
 of the whole step (all micro-batches, all ranks), clip, AdamW. Around it: periodic evaluation and
 checkpoints, early stopping (patience, or a target validation loss), a non-finite-loss guard, and
-SIGINT/SIGTERM, which finish the current step, save a checkpoint and return. Loss and gradient norm
-reach the host only at log steps. Everything a stage after training needs lands in `out/final`.
+SIGINT/SIGTERM, which finish the current step, save a checkpoint and return. Loss, gradient norm and
+skipped steps reach the host only at log steps (fused AdamW skips a non-finite step on the device).
+Everything a stage after training needs lands in `out/final`.
 """
 
 from __future__ import annotations
@@ -238,6 +239,11 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
     model.train()
     t_start, t_log, tokens_at_log = time.perf_counter(), time.perf_counter(), state["tokens"]
     elapsed_before = state["elapsed"]
+    # fused AdamW can skip a step on the device (it reads `found_inf`, as torch.amp's GradScaler sets it), so
+    # finding a non-finite loss needs no host sync at every step; other optimizers are asked every step
+    skips_on_device = bool(optimizer.defaults.get("fused"))
+    skipped = torch.zeros((), device=device)  # non-finite steps since the host last looked
+    streak = torch.full((), float(state["nonfinite_streak"]), device=device)
     with _StopSignal() as stop_signal:
         while state["step"] < cfg.max_steps:
             step = state["step"]
@@ -265,24 +271,13 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
             flags = torch.stack([loss_sum, torch.tensor(float(stop_signal.requested), device=device),
                                  *extra.values()]).float()
             flags = all_reduce_sum(flags, world)
-            finite_and_stop = torch.stack([flags[0].isfinite(), flags[1] > 0]).tolist()  # the one sync per step
-            stop_requested = finite_and_stop[1]
-
-            if not finite_and_stop[0]:
+            nonfinite = ~flags[0].isfinite()
+            skipped += nonfinite
+            streak = (streak + 1) * nonfinite
+            if skips_on_device:  # the fused kernel leaves weights and moments alone when this is 1
+                optimizer.found_inf = nonfinite.float()
+            elif nonfinite.item():  # (the one host sync of a step, for optimizers that cannot skip by themselves)
                 optimizer.zero_grad(set_to_none=True)
-                state["nonfinite_streak"] += 1
-                msg = f"non-finite loss ({(flags[0] / targets).item()}) at step {step}"
-                if cfg.nonfinite == "stop" or state["nonfinite_streak"] >= cfg.max_nonfinite:
-                    metrics.close()
-                    raise UserError(
-                        f"{msg}: training stopped. Lower train.lr, raise train.warmup_steps or use "
-                        f"train.dtype=fp32; the last good checkpoint is in {out}/checkpoints"
-                    )
-                metrics.note(f"[yellow]{msg}: step skipped ({state['nonfinite_streak']} in a row)[/]")
-                state["step"] += 1  # the schedule moves on; the data position already has
-                state["data"] = objective.state_dict()
-                continue
-            state["nonfinite_streak"] = 0
             grad_norm = None
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
@@ -296,7 +291,32 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
                 metrics.note(f"CPU threads → {threads}: other processes are using {governor.others:.1f} "
                              f"of {len(governor.cpus)} CPUs")
 
+            # the host learns of skipped steps and stop requests at log steps and wherever it must decide
+            # something (an evaluation, a checkpoint, the end); in one process a signal is known at once
             logging_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            state["elapsed"] = elapsed_before + time.perf_counter() - t_start
+            eval_due = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.max_steps
+            deciding = (logging_now or eval_due or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                        or (cfg.max_time and state["elapsed"] >= cfg.max_time)
+                        or (stop_at_step is not None and step >= stop_at_step)
+                        or (stop_signal.requested and not world.distributed))  # (ranks must decide alike)
+            stop_requested = stop_signal.requested and not world.distributed
+            if deciding or not skips_on_device:
+                n_skipped, run, stop_flag = torch.stack([skipped, streak, flags[1]]).tolist()
+                stop_requested = stop_flag > 0
+                skipped.zero_()
+                state["nonfinite_streak"] = int(run)
+                if n_skipped:
+                    msg = (f"non-finite loss ({(flags[0] / targets).item()}) at step {step - 1}" if run else
+                           f"non-finite loss in {int(n_skipped)} of the steps before step {step}")
+                    if cfg.nonfinite == "stop" or run >= cfg.max_nonfinite:
+                        metrics.close()
+                        raise UserError(
+                            f"{msg}: training stopped. Lower train.lr, raise train.warmup_steps or use "
+                            f"train.dtype=fp32; the last good checkpoint is in {out}/checkpoints")
+                    metrics.note(f"[yellow]{msg}: {int(n_skipped)} step(s) skipped since the last look, "
+                                 f"{int(run)} in a row[/]")
+
             if logging_now or stop_requested:
                 last_loss = (flags[0] / targets).item()
             if logging_now:
@@ -317,10 +337,9 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
                 metrics.log(record, f"{where} · loss {last_loss:.4f} · lr {lr:.2e} · "
                                     f"{human(tok_s)} tok/s · MFU {100 * mfu:.1f}%")
 
-            state["elapsed"] = elapsed_before + time.perf_counter() - t_start
             stop = None
             # a stop request skips a pending evaluation (minutes on a large split): save and leave at once
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and not stop_requested:
+            if eval_due and not stop_requested:
                 val = run_eval(step)
                 stop = _stop_after_eval(val, state, cfg)
             if stop_requested:
