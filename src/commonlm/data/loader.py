@@ -34,6 +34,9 @@ class TokenData:
             self.index: dict = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise UserError(f"data: cannot read {file} ({e}); re-run `commonlm data prepare`") from e
+        if self.index.get("format") == "chat":
+            raise UserError(f"data: {self.path} is chat data (for `commonlm tune sft`), not text for pretraining; "
+                            "prepare text with `commonlm data prepare` without --format chat")  # fmt: skip
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise UserError(
                 f"data: {file} is not a {FORMAT} v{VERSION} index "
