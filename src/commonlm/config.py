@@ -130,6 +130,7 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
     threads: int = 0  # CPU threads for torch; 0: the CPUs other processes leave free, re-checked (threads.py)
+    objective: Literal["next_token", "sft"] = "next_token"  # pretraining, or fine-tuning on chat data (tune/sft.py)
 
     def validate(self) -> None:
         positive = ["micro_batch_size", "max_steps", "log_every", "keep_last", "max_nonfinite"]

@@ -45,6 +45,21 @@ class Objective(Protocol):
     def describe(self) -> str: ...
 
 
+def next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The cross-entropy of predicting y from x, summed over the targets that are not IGNORE, plus the
+    model's auxiliary losses (means per forward pass) weighted by that count, like the loss; those are also
+    returned as metrics. Pretraining and fine-tuning on conversations share it."""
+    with autocast(device, dtype):
+        logits, aux = model(x)
+    total = lm_loss(logits, y, reduction="sum")
+    if not aux:
+        return total, {}
+    n = (y != IGNORE).sum()
+    weighted = {name: value * n for name, value in aux.items()}
+    return total + sum(weighted.values()), weighted
+
+
 class NextToken:
     """Pretraining: predict every next token of windows drawn from prepared token shards."""
 
@@ -70,16 +85,7 @@ class NextToken:
         return (batch[1] != IGNORE).sum()
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
-        x, y = batch
-        with autocast(self.device, self.dtype):
-            logits, aux = model(x)
-        total = lm_loss(logits, y, reduction="sum")
-        if not aux:
-            return total, {}
-        # auxiliary losses are means (per forward pass): weighted by this batch's tokens, like the loss
-        n = self.targets(batch)
-        weighted = {name: value * n for name, value in aux.items()}
-        return total + sum(weighted.values()), weighted
+        return next_token_loss(model, *batch, self.device, self.dtype)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None:
         if not self.data.has_split("val"):

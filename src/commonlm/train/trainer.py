@@ -116,15 +116,25 @@ def seq_len_of(config: RunConfig) -> int:
 MakeObjective = Callable[[RunConfig, World, torch.device, torch.dtype], Objective]
 
 
+def objective_of(config: RunConfig) -> MakeObjective:
+    """The objective `train.objective` names."""
+    if config.train.objective == "sft":
+        from commonlm.tune.sft import ChatSFT
+
+        return ChatSFT
+    return NextToken
+
+
 def train(
     config: RunConfig,
     out: str | Path,
     resume: bool = False,
     init: str | Path | None = None,
     stop_at_step: int | None = None,
-    objective: MakeObjective = NextToken,
+    objective: MakeObjective | None = None,
 ) -> TrainResult:
-    """Train `config` into the run directory `out`. See the module docstring."""
+    """Train `config` into the run directory `out`. See the module docstring. The objective is
+    `train.objective`'s (so that `--resume` continues with the same one) unless one is given here."""
     out = Path(out)
     cfg = config.train
     device = pick_device(cfg.device)
@@ -132,7 +142,7 @@ def train(
     try:
         if world.distributed and device.type == "cuda":
             device = torch.device("cuda", world.local_rank)
-        return _train(config, out, resume, init, stop_at_step, device, world, objective)
+        return _train(config, out, resume, init, stop_at_step, device, world, objective or objective_of(config))
     finally:
         close_world(world)
 

@@ -1,0 +1,1 @@
+"""Fine-tuning: objectives of the one training loop that start from a trained model."""

@@ -1,0 +1,141 @@
+"""Supervised fine-tuning on conversations: an objective of the one training loop (train/objective.py).
+
+Each row of a micro-batch is one conversation (prepared by `commonlm data prepare --format chat`), padded to
+the longest of its batch: padding comes after the conversation and causal attention never looks ahead, so
+no row sees another conversation or its padding. Only the tokens the data marks (assistant turns and
+their end-of-turn tokens) carry loss. A conversation longer than the context is cut to it, and the run
+says how many were cut.
+
+    commonlm tune sft --init MODEL_DIR --data CHAT_DATA --out RUN     (sft_config below: its defaults)
+    commonlm train --resume RUN                                       (the objective is in the run's config)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from commonlm.config import RunConfig, apply_overrides, config_from_dict
+from commonlm.data.chat import ChatData
+from commonlm.data.tokenizer import Tokenizer
+from commonlm.errors import UserError
+from commonlm.model.loss import IGNORE
+from commonlm.train.objective import next_token_loss
+from commonlm.utils import console, human
+from commonlm.world import World, all_reduce_sum
+
+
+class ChatSFT:
+    """Conversations in a per-epoch permutation seeded by train.seed, `micro_batch_size` per rank per
+    micro-batch; position state {epoch, cursor}, so that a resumed run continues exactly."""
+
+    def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype):
+        cfg = config.train
+        self.data = ChatData(config.data.path)
+        self.data.check_tokenizer(Tokenizer.load(self.data.path))
+        self.n = self.data.conversations("train")
+        if self.n == 0:
+            raise UserError(f"data: {self.data.path} has no training conversations")
+        self.context = cfg.seq_len or config.model.max_seq_len
+        self.batch, self.seed = cfg.micro_batch_size, cfg.seed
+        self.world, self.device, self.dtype = world, device, dtype
+        self.pad = Tokenizer.load(self.data.path).pad_id
+        self.epoch, self.cursor = 0, 0
+        self._perm: tuple[int, np.ndarray] | None = None
+        long = sum(1 for i in range(self.n) if len(self.data.conversation("train", i)[0]) > self.context + 1)
+        if long and world.is_main:
+            console.print(f"[yellow]note: {long} of {self.n} training conversations are longer than the context of "
+                          f"{self.context} tokens; their ends are cut off[/]", soft_wrap=True)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._perm[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = []
+        for _ in range(self.batch * self.world.size):  # every rank walks the same order and takes its block
+            picked.append(int(self._order(self.epoch)[self.cursor]))
+            self.cursor += 1
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        mine = picked[self.world.rank * self.batch : (self.world.rank + 1) * self.batch]
+        return rows([self.data.conversation("train", i) for i in mine], self.context, self.pad, self.device)
+
+    def targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (batch[1] != IGNORE).sum()
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        return next_token_loss(model, *batch, self.device, self.dtype)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None:
+        """Loss per assistant token over every validation conversation (this rank's share, then summed)."""
+        if not self.data.has_split("val") or self.data.conversations("val") == 0:
+            return None
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        mine = list(range(self.world.rank, self.data.conversations("val"), self.world.size))
+        for start in range(0, len(mine), self.batch):
+            batch = rows([self.data.conversation("val", i) for i in mine[start : start + self.batch]], self.context,
+                         self.pad, self.device)
+            loss, _ = self.loss(model, batch)
+            total += torch.stack([loss.double(), self.targets(batch).double()])
+        all_reduce_sum(total, self.world)
+        model.train(was_training)
+        count = max(int(total[1].item()), 1)
+        loss = total[0].item() / count
+        return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0))), "val_tokens": count}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, cursor = int(state.get("epoch", -1)), int(state.get("cursor", -1))
+        if epoch < 0 or not 0 <= cursor < self.n:
+            raise UserError(f"data: the saved position (epoch {epoch}, conversation {cursor}) does not fit the "
+                            f"{self.n} training conversations of {self.data.path}: the data changed")
+        self.epoch, self.cursor = epoch, cursor
+
+    def describe(self) -> str:
+        d = self.data
+        val = f" · val {d.conversations('val')} conversations" if d.has_split("val") else " · no val split"
+        return (f"{d.path} (chat) · train {d.conversations('train')} conversations, {human(d.tokens('train'))} "
+                f"tokens, {human(d.target_tokens('train'))} with loss{val}")
+
+
+def rows(conversations: list[tuple[np.ndarray, np.ndarray]], context: int, pad: int,
+         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y [B, T]: each conversation cut to context + 1 tokens, shifted by one, padded after its end; y is
+    IGNORE where the next token carries no loss (system and user turns, the assistant header, padding)."""
+    cut = [(ids[: context + 1], mask[: context + 1]) for ids, mask in conversations]
+    T = max(len(ids) for ids, _ in cut) - 1
+    x = torch.full((len(cut), T), pad, dtype=torch.long)
+    y = torch.full((len(cut), T), IGNORE, dtype=torch.long)
+    for r, (ids, mask) in enumerate(cut):
+        ids_t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        keep = torch.from_numpy(np.asarray(mask[1:], dtype=bool))
+        x[r, : len(ids) - 1] = ids_t[:-1]
+        y[r, : len(ids) - 1] = ids_t[1:].masked_fill(~keep, IGNORE)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# Fine-tuning starts from the model's own config with these training settings (then the user's --set):
+# a lower learning rate, a short warmup, evaluation over the whole (small) validation split, and none of
+# the pretraining run's budget, accumulation or stopping rules.
+SFT_DEFAULTS = ["train.objective=sft", "train.lr=1e-4", "train.min_lr_ratio=0.1", "train.warmup_steps=20",
+                "train.max_steps=500", "train.max_time=0", "train.tokens_per_step=0", "train.micro_batch_size=8",
+                "train.seq_len=0", "train.eval_every=100", "train.eval_tokens=0", "train.ckpt_every=250",
+                "train.patience=0", "train.target_val_loss=0", "train.schedule=cosine"]
+
+
+def sft_config(init: str, data: str, overrides: list[str]) -> RunConfig:
+    """The config of a fine-tuning run from the model directory (or run) `init` on chat data `data`."""
+    from commonlm.api import resolve_model_path
+    from commonlm.modeldir import read_run_config
+
+    config, _ = read_run_config(resolve_model_path(init))
+    config = config_from_dict(apply_overrides(config.to_dict(), SFT_DEFAULTS + list(overrides)))
+    config.data.path = str(data)
+    return config.validate()

@@ -1,0 +1,85 @@
+"""Supervised fine-tuning through the one loop: only assistant tokens carry loss, a base model learns the
+assistant's side of conversations, resume is exact, and the CLI verb refuses data of the wrong kind."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from commonlm.config import ModelConfig, RunConfig
+from commonlm.data.chat import ChatData, prepare_chat
+from commonlm.data.tokenizer import Tokenizer
+from commonlm.errors import UserError
+from commonlm.model.decoder import Decoder
+from commonlm.model.loss import IGNORE, lm_loss
+from commonlm.modeldir import save_model_dir
+from commonlm.train.metrics import read_metrics
+from commonlm.train.trainer import train
+from commonlm.tune.sft import rows, sft_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = ["train.dtype=fp32", "train.threads=1", "train.log_every=1", "train.micro_batch_size=4",
+         "train.eval_every=5", "train.lr=3e-3", "train.warmup_steps=2"]
+
+
+def conversations(n: int, seed: int = 0) -> list[dict]:
+    """Questions about adding small numbers, answered by a fixed pattern a tiny model can pick up."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        out.append({"messages": [{"role": "system", "content": "add"},
+                                 {"role": "user", "content": f"{a}+{b}"},
+                                 {"role": "assistant", "content": f"{a}+{b}={a + b}"}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(0)
+    config = RunConfig(model=ModelConfig(family="llama", n_layer=2, n_head=4, d_model=64, vocab_size=320,
+                                         max_seq_len=64))
+    save_model_dir(root / "base", Decoder(config.model), Tokenizer.byte_level(), config)
+    (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations(120)))
+    prepare_chat([str(root / "chats.jsonl")], root / "base", root / "chat", val_fraction=0.1)
+    return root / "base", root / "chat"
+
+
+def test_only_the_assistants_tokens_carry_loss(base_and_data):
+    _, chat = base_and_data
+    data = ChatData(chat)
+    x, y = rows([data.conversation("train", i) for i in range(4)], 64, 0, torch.device("cpu"))
+    tok = Tokenizer.load(chat)
+    for r in range(4):
+        kept = tok.decode(y[r][y[r] != IGNORE].tolist())
+        a_plus_b = tok.decode(x[r].tolist()).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        total = sum(int(n) for n in a_plus_b.split("+"))
+        assert kept == f"{a_plus_b}={total}<|im_end|>\n"  # the answer and its end: no system, user or header
+    logits = torch.randn(*y.shape, 320)
+    garbage = logits.clone()
+    garbage[y == IGNORE] = torch.randn_like(garbage[y == IGNORE]) * 100  # what the model says elsewhere
+    assert torch.equal(lm_loss(logits, y), lm_loss(garbage, y))
+
+
+def test_sft_learns_the_assistants_side_and_resumes_exactly(base_and_data, tmp_path):
+    base, chat = base_and_data
+    full = train(sft_config(str(base), str(chat), SMALL + ["train.max_steps=30"]), tmp_path / "full", init=base)
+    vals = [r["val_loss"] for r in read_metrics(tmp_path / "full") if "val_loss" in r]
+    assert full.stopped_because == "max_steps" and vals[-1] < vals[0] - 1.0, vals
+    assert (tmp_path / "full" / "final" / "model.safetensors").is_file()
+
+    config = sft_config(str(base), str(chat), SMALL + ["train.max_steps=30", "train.ckpt_every=10"])
+    train(config, tmp_path / "split", init=base, stop_at_step=10)
+    from commonlm.train.trainer import resume_config
+
+    train(resume_config(tmp_path / "split"), tmp_path / "split", resume=True)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("full", "split")]
+    assert losses[0] == losses[1]  # value for value
+
+
+def test_tune_sft_refuses_text_data(base_and_data, byte_data, tmp_path):
+    base, _ = base_and_data
+    with pytest.raises(UserError, match="chat"):
+        train(sft_config(str(base), str(byte_data), SMALL), tmp_path / "r", init=base)
