@@ -46,10 +46,11 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from commonlm.data.prepare import prepare
 
-    if args.format == "chat":
+    if args.format in ("chat", "preference"):
         from commonlm.data.chat import prepare_chat
 
-        prepare_chat(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite)
+        prepare_chat(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
+                     preference=args.format == "preference")
         return
     prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, include=args.include,
             text_field=args.text_field, workers=args.workers, overwrite=args.overwrite)
@@ -82,10 +83,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune_sft(args: argparse.Namespace) -> int:
+    """tune sft and tune dpo: the same loop from --init, with the verb's config."""
     from commonlm.train.trainer import train
+    from commonlm.tune.dpo import dpo_config
     from commonlm.tune.sft import sft_config
 
-    config = sft_config(args.init, args.data, [item for group in args.set or [] for item in group])
+    make = dpo_config if args.action == "dpo" else sft_config
+    config = make(args.init, args.data, [item for group in args.set or [] for item in group])
     return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status
 
 
@@ -352,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = data.add_parser("prepare", help="tokenize text into token shards")
     inputs(d)
     d.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
-    d.add_argument("--format", choices=["text", "chat"], default="text",
-                   help="text: documents to token shards; chat: jsonl conversations to tokens + loss mask")
+    d.add_argument("--format", choices=["text", "chat", "preference"], default="text",
+                   help="text: documents to token shards; chat: jsonl conversations to tokens + loss mask; "
+                   "preference: jsonl {prompt|messages, chosen, rejected} pairs for tune dpo")
     d.add_argument("--out", required=True, help="new directory for the token shards")
     d.add_argument("--val-fraction", type=float, default=0.01, help="share of the tokens held out for validation")
     d.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
@@ -372,14 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     tune = sub.add_parser("tune", help="fine-tune a trained model").add_subparsers(dest="action", required=True)
-    sft = tune.add_parser("sft", help="supervised fine-tuning on conversations (data prepare --format chat)")
-    sft.add_argument("--init", required=True, metavar="MODEL_OR_RUN", help="the model to fine-tune")
-    sft.add_argument("--data", required=True, help="chat data made with `commonlm data prepare --format chat`")
-    sft.add_argument("--out", required=True, help="run directory (continue it with `commonlm train --resume`)")
-    sft.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
-                     help="override config values, e.g. --set train.lr=5e-5 train.max_steps=1000")
-    sft.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
-    sft.set_defaults(func=cmd_tune_sft)
+    for verb, what, fmt in [("sft", "supervised fine-tuning on conversations", "chat"),
+                            ("dpo", "direct preference optimization on chosen/rejected pairs", "preference")]:
+        sft = tune.add_parser(verb, help=f"{what} (data prepare --format {fmt})")
+        sft.add_argument("--init", required=True, metavar="MODEL_OR_RUN",
+                         help="the model to fine-tune" + (" (also the frozen reference)" if verb == "dpo" else ""))
+        sft.add_argument("--data", required=True, help=f"data made with `commonlm data prepare --format {fmt}`")
+        sft.add_argument("--out", required=True, help="run directory (continue it with `commonlm train --resume`)")
+        sft.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
+                         help="override config values, e.g. --set train.lr=5e-5 train.max_steps=1000")
+        sft.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
+        sft.set_defaults(func=cmd_tune_sft)
 
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte")
     ev.add_argument("model", help="run directory, model directory or checkpoint")

@@ -130,7 +130,9 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
     threads: int = 0  # CPU threads for torch; 0: the CPUs other processes leave free, re-checked (threads.py)
-    objective: Literal["next_token", "sft"] = "next_token"  # pretraining, or fine-tuning on chat data (tune/sft.py)
+    objective: Literal["next_token", "sft", "dpo"] = "next_token"  # pretraining, or fine-tuning: tune/sft.py, dpo.py
+    dpo_beta: float = 0.1  # dpo: how far the policy may move from the reference (larger: less far)
+    reference: str = ""  # dpo: the frozen reference model's directory (`tune dpo` sets it to --init)
 
     def validate(self) -> None:
         positive = ["micro_batch_size", "max_steps", "log_every", "keep_last", "max_nonfinite"]
@@ -146,6 +148,9 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
         _check(self.eps > 0, "train.eps", self.eps, "must be positive")
+        _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "must be positive")
+        _check(self.objective != "dpo" or bool(self.reference), "train.reference", self.reference,
+               "must name the reference model directory for objective dpo")
 
 
 @dataclass

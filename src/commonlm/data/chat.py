@@ -71,12 +71,13 @@ def _conversation(record: object, where: str) -> list[dict[str, str]]:
     return out
 
 
-def read_conversations(inputs: list[str]) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """('file:line', messages) for every non-blank line of the jsonl inputs, in order."""
+def read_records(inputs: list[str], what: str = "chat") -> Iterator[tuple[str, object]]:
+    """('file:line', parsed JSON) for every non-blank line of the jsonl inputs, in order; `what` names the
+    kind of data in the errors."""
     for name in inputs:
         path = Path(name)
         if not path.is_file():
-            raise UserError(f"chat data: input {name} is not a file; give .jsonl files of conversations")
+            raise UserError(f"{what} data: input {name} is not a file; give .jsonl files")
         with open(path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -85,20 +86,28 @@ def read_conversations(inputs: list[str]) -> Iterator[tuple[str, list[dict[str, 
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    raise UserError(f"chat data: {where}: not JSON ({e})") from e
-                yield where, _conversation(record, where)
+                    raise UserError(f"{what} data: {where}: not JSON ({e})") from e
+                yield where, record
+
+
+def read_conversations(inputs: list[str]) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """('file:line', messages) for every non-blank line of the jsonl inputs, in order."""
+    for where, record in read_records(inputs):
+        yield where, _conversation(record, where)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Rendering
 
 
-def render(tok: Tokenizer, messages: list[dict[str, str]], where: str = "") -> tuple[list[int], list[int]]:
-    """The conversation's ids and its mask (1 on every assistant turn's tokens, end-of-turn included)."""
+def render(tok: Tokenizer, messages: list[dict[str, str]], where: str = "",
+           last_only: bool = False) -> tuple[list[int], list[int]]:
+    """The conversation's ids and its mask (1 on every assistant turn's tokens, end-of-turn included; with
+    `last_only`, on the last message's only: the reply a preference pair judges)."""
     ids = tok.encode_chat(messages, add_generation_prompt=False)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (last_only and i < len(messages) - 1):
             continue
         before = tok.encode_chat(messages[:i], add_generation_prompt=True)
         through = tok.encode_chat(messages[: i + 1], add_generation_prompt=False)
@@ -129,6 +138,7 @@ class ChatSummary:
     val_target_tokens: int
     val_split: str  # "hash" (by content) or "tail" (the last conversations, when too few to split by hash)
     seconds: float
+    kind: str = "conversations"  # what conversations_seen and duplicates count: or "preference pairs" (2 each)
 
 
 def _key(messages: list[dict[str, str]]) -> bytes:
@@ -169,8 +179,12 @@ def prepare_chat(
     out: str | Path,
     val_fraction: float = 0.01,
     overwrite: bool = False,
+    preference: bool = False,
 ) -> ChatSummary:
-    """Render jsonl conversations into `out` (tokens, loss mask, offsets per split + index.json + tokenizer)."""
+    """Render jsonl conversations into `out` (tokens, loss mask, offsets per split + index.json + tokenizer).
+    With `preference`, jsonl preference pairs instead (data/preference.py): conversation 2k is pair k's prompt
+    and chosen reply, 2k + 1 the same prompt and its rejected reply, only the reply masked as a target; a pair
+    is deduplicated and split as one, and index.json says "preference": true."""
     t0 = time.perf_counter()
     if not 0 <= val_fraction < 1:
         raise UserError(f"data: --val-fraction {val_fraction} must be in [0, 1)")
@@ -183,30 +197,36 @@ def prepare_chat(
     if not tok.chat_template:
         raise UserError(f"data: the tokenizer in {tokenizer_path} has no chat template; --format chat needs one")
     dtype = token_dtype(tok.vocab_size)
-    rows, keys, seen, total = [], [], set(), 0
-    for where, messages in read_conversations(inputs):
+    if preference:
+        from commonlm.data.preference import read_pairs
+
+        items = read_pairs(inputs)
+    else:
+        items = ((where, [messages]) for where, messages in read_conversations(inputs))
+    rows, keys, seen, total = [], [], set(), 0  # rows: per item (conversation or pair), its rendered conversations
+    for where, group in items:
         total += 1
-        key = _key(messages)
+        key = _key(group if preference else group[0])
         if key in seen:
             continue
         seen.add(key)
         keys.append(key)
-        rows.append(render(tok, messages, where))
+        rows.append([render(tok, messages, where, last_only=preference) for messages in group])
     if not rows:
         raise UserError(f"data: no conversations in {', '.join(inputs)}")
     is_val, val_split = _val_choice(keys, val_fraction)
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             splits = {
-                "train": _write_split(tmp, "train", [r for r, v in zip(rows, is_val) if not v], dtype),
-                "val": _write_split(tmp, "val", [r for r, v in zip(rows, is_val) if v], dtype),
+                "train": _write_split(tmp, "train", [r for g, v in zip(rows, is_val) if not v for r in g], dtype),
+                "val": _write_split(tmp, "val", [r for g, v in zip(rows, is_val) if v for r in g], dtype),
             }
             seconds = time.perf_counter() - t0
             index = {
                 "format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
                 "tokenizer_hash": tok.hash, "splits": splits, "val_split": val_split,
                 "stats": {"conversations_seen": total, "duplicates": total - len(rows)},
-                "source": {"inputs": list(inputs), "val_fraction": val_fraction},
+                "source": {"inputs": list(inputs), "val_fraction": val_fraction}, "preference": preference,
             }  # fmt: skip
             tok.save(tmp)
             atomic_write_json(tmp / "index.json", index)
@@ -218,6 +238,7 @@ def prepare_chat(
         train_conversations=train["conversations"], train_tokens=train["tokens"],
         train_target_tokens=train["target_tokens"], val_conversations=val["conversations"],
         val_tokens=val["tokens"], val_target_tokens=val["target_tokens"], val_split=val_split, seconds=seconds,
+        kind="preference pairs" if preference else "conversations",
     )  # fmt: skip
     console.print(_describe(summary), soft_wrap=True)
     return summary
@@ -230,7 +251,7 @@ def _describe(s: ChatSummary) -> str:
     val = part("val", s.val_conversations, s.val_tokens, s.val_target_tokens) if s.val_conversations else "no val"
     if s.val_conversations and s.val_split == "tail":
         val += ", the last ones held out as they were too few to split by hash"
-    return (f"Prepared chat data {s.out}: {s.conversations_seen - s.duplicates} conversations "
+    return (f"Prepared chat data {s.out}: {s.conversations_seen - s.duplicates} {s.kind} "
             f"({s.duplicates} duplicates dropped); "
             f"{part('train', s.train_conversations, s.train_tokens, s.train_target_tokens)}; {val}. "
             f"{s.seconds:.1f}s.")  # fmt: skip
@@ -259,6 +280,7 @@ class ChatData:
             self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
             self.tokenizer_hash = str(self.index["tokenizer_hash"])
             self._info: dict[str, dict] = {s: dict(v) for s, v in self.index["splits"].items()}
+            self.preference = bool(self.index.get("preference", False))  # conversations 2k, 2k+1: pair k
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"data: {file} lacks {e}; re-run `commonlm data prepare --format chat`") from e
         self._maps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

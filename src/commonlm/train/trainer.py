@@ -122,6 +122,10 @@ def objective_of(config: RunConfig) -> MakeObjective:
         from commonlm.tune.sft import ChatSFT
 
         return ChatSFT
+    if config.train.objective == "dpo":
+        from commonlm.tune.dpo import DPO
+
+        return DPO
     return NextToken
 
 

@@ -27,13 +27,20 @@ from commonlm.world import World, all_reduce_sum
 
 class ChatSFT:
     """Conversations in a per-epoch permutation seeded by train.seed, `micro_batch_size` per rank per
-    micro-batch; position state {epoch, cursor}, so that a resumed run continues exactly."""
+    micro-batch; position state {epoch, cursor}, so that a resumed run continues exactly. (DPO draws its
+    pairs the same way: PER_ITEM conversations make one item.)"""
+
+    PER_ITEM = 1
 
     def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype):
         cfg = config.train
         self.data = ChatData(config.data.path)
         self.data.check_tokenizer(Tokenizer.load(self.data.path))
-        self.n = self.data.conversations("train")
+        if self.data.preference != (self.PER_ITEM == 2):
+            verb = "tune dpo" if self.data.preference else "tune sft"
+            raise UserError(f"data: {self.data.path} is {'preference' if self.data.preference else 'chat'} data, "
+                            f"made for `commonlm {verb}`")
+        self.n = self.data.conversations("train") // self.PER_ITEM
         if self.n == 0:
             raise UserError(f"data: {self.data.path} has no training conversations")
         self.context = cfg.seq_len or config.model.max_seq_len
@@ -53,14 +60,17 @@ class ChatSFT:
         return self._perm[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return rows([self.data.conversation("train", i) for i in self._pick()], self.context, self.pad, self.device)
+
+    def _pick(self) -> list[int]:
+        """This rank's items of the next micro-batch, advancing the position."""
         picked = []
         for _ in range(self.batch * self.world.size):  # every rank walks the same order and takes its block
             picked.append(int(self._order(self.epoch)[self.cursor]))
             self.cursor += 1
             if self.cursor == self.n:
                 self.epoch, self.cursor = self.epoch + 1, 0
-        mine = picked[self.world.rank * self.batch : (self.world.rank + 1) * self.batch]
-        return rows([self.data.conversation("train", i) for i in mine], self.context, self.pad, self.device)
+        return picked[self.world.rank * self.batch : (self.world.rank + 1) * self.batch]
 
     def targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return (batch[1] != IGNORE).sum()
@@ -131,7 +141,8 @@ SFT_DEFAULTS = ["train.objective=sft", "train.lr=1e-4", "train.min_lr_ratio=0.1"
 
 
 def sft_config(init: str, data: str, overrides: list[str]) -> RunConfig:
-    """The config of a fine-tuning run from the model directory (or run) `init` on chat data `data`."""
+    """The config of a fine-tuning run from the model directory (or run) `init` on chat data `data`; tune
+    dpo's starts from it (its own defaults come first in `overrides`)."""
     from commonlm.api import resolve_model_path
     from commonlm.modeldir import read_run_config
 
