@@ -6,6 +6,7 @@ fine-tuning objectives plug in the same way, see `train(..., objective=...)`):
 
     next_batch() -> batch              the next micro-batch of this rank, on the device
     targets(batch) -> Tensor           how many target tokens it holds (0-dim, on the device)
+    positions(batch) -> int            how many positions the model computes for it (tokens/s and MFU)
     loss(model, batch) -> (Tensor, {name: Tensor})
                                        the loss summed over those target tokens, and extra metrics,
                                        also sums over the target tokens
@@ -38,6 +39,7 @@ from commonlm.world import World
 class Objective(Protocol):
     def next_batch(self) -> Any: ...
     def targets(self, batch: Any) -> torch.Tensor: ...
+    def positions(self, batch: Any) -> int: ...
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
     def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None: ...
     def state_dict(self) -> dict: ...
@@ -83,6 +85,9 @@ class NextToken:
 
     def targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return (batch[1] != IGNORE).sum()
+
+    def positions(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return batch[0].numel()
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
         return next_token_loss(model, *batch, self.device, self.dtype)

@@ -212,8 +212,8 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
 
     seq_len = seq_len_of(config)
     accum = grad_accum_steps(config, world)
-    tokens_per_step = accum * cfg.micro_batch_size * seq_len * world.size
-    flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
+    tokens_per_step = accum * cfg.micro_batch_size * seq_len * world.size  # at most; padded batches hold fewer
+    flops_per_token = raw_model.flops_per_token(seq_len)
     if governor is not None:
         governor.update(force=True)  # the first look, over the setup above
     # MFU is against all the CPUs the run may use, however many threads it runs at the moment
@@ -298,7 +298,7 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["tokens"] += tokens_per_step
+            state["tokens"] += sum(objective.positions(b) for b in micro_batches) * world.size  # (rows may be short)
             state["data"] = objective.state_dict()
             step = state["step"]
             if governor is not None and (threads := governor.update()):
@@ -336,12 +336,12 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
             if logging_now:
                 now = time.perf_counter()
                 tok_s = (state["tokens"] - tokens_at_log) / max(now - t_log, 1e-9)
-                mfu = tok_s / tokens_per_step * flops_per_step / peak
+                mfu = tok_s * flops_per_token / peak
                 t_log, tokens_at_log = now, state["tokens"]
                 record = {"step": step, "loss": last_loss, "lr": lr, "tokens": state["tokens"],
                           "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
                 if rated:
-                    record["mfu_rated"] = round(tok_s / tokens_per_step * flops_per_step / rated, 4)
+                    record["mfu_rated"] = round(tok_s * flops_per_token / rated, 4)
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
                 record.update({name: (value / targets).item() for name, value in zip(extra, flags[2:])})

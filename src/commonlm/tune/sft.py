@@ -75,6 +75,10 @@ class ChatSFT:
     def targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return (batch[1] != IGNORE).sum()
 
+    def positions(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """The padded rows' positions: what the model computes (rows are only as long as their batch's longest)."""
+        return batch[0].numel()
+
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
         return next_token_loss(model, *batch, self.device, self.dtype)
 
