@@ -8,17 +8,15 @@ import random
 import pytest
 import torch
 
-from commonlm.config import ModelConfig, RunConfig
 from commonlm.data.chat import ChatData, prepare_chat
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
-from commonlm.model.decoder import Decoder
 from commonlm.model.loss import IGNORE
-from commonlm.modeldir import save_model_dir
 from commonlm.train.metrics import read_metrics
 from commonlm.train.trainer import resume_config, train
 from commonlm.tune.dpo import dpo_config, dpo_loss, reply_logps
 from commonlm.tune.sft import rows, sft_config
+from tests.tune.conftest import base_and_data as make_base_and_data
 
 from .test_sft import SMALL
 
@@ -37,14 +35,7 @@ def pairs(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo")
-    torch.manual_seed(0)
-    config = RunConfig(model=ModelConfig(family="llama", n_layer=2, n_head=4, d_model=64, vocab_size=320,
-                                         max_seq_len=64))
-    save_model_dir(root / "base", Decoder(config.model), Tokenizer.byte_level(), config)
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs(80)))
-    prepare_chat([str(root / "pairs.jsonl")], root / "base", root / "pref", val_fraction=0.2, preference=True)
-    return root / "base", root / "pref"
+    return make_base_and_data(tmp_path_factory.mktemp("dpo"), pairs(80), val_fraction=0.2, preference=True)
 
 
 def test_loss_and_rewards_are_the_reference_formula():

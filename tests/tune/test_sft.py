@@ -1,22 +1,19 @@
 """Supervised fine-tuning through the one loop: only assistant tokens carry loss, a base model learns the
 assistant's side of conversations, resume is exact, and the CLI verb refuses data of the wrong kind."""
 
-import json
 import random
 
 import pytest
 import torch
 
-from commonlm.config import ModelConfig, RunConfig
-from commonlm.data.chat import ChatData, prepare_chat
+from commonlm.data.chat import ChatData
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
-from commonlm.model.decoder import Decoder
 from commonlm.model.loss import IGNORE, lm_loss
-from commonlm.modeldir import save_model_dir
 from commonlm.train.metrics import read_metrics
 from commonlm.train.trainer import train
 from commonlm.tune.sft import rows, sft_config
+from tests.tune.conftest import base_and_data as make_base_and_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["train.dtype=fp32", "train.threads=1", "train.log_every=1", "train.micro_batch_size=4",
@@ -37,14 +34,7 @@ def conversations(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    torch.manual_seed(0)
-    config = RunConfig(model=ModelConfig(family="llama", n_layer=2, n_head=4, d_model=64, vocab_size=320,
-                                         max_seq_len=64))
-    save_model_dir(root / "base", Decoder(config.model), Tokenizer.byte_level(), config)
-    (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations(120)))
-    prepare_chat([str(root / "chats.jsonl")], root / "base", root / "chat", val_fraction=0.1)
-    return root / "base", root / "chat"
+    return make_base_and_data(tmp_path_factory.mktemp("sft"), conversations(120), val_fraction=0.1)
 
 
 def test_only_the_assistants_tokens_carry_loss(base_and_data):

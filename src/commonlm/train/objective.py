@@ -62,7 +62,25 @@ def next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, de
     return total + sum(weighted.values()), weighted
 
 
-class NextToken:
+class TokenTargets:
+    """Batches (x, y) whose targets are y's tokens that are not IGNORE: pretraining's and fine-tuning's.
+    Needs `self.device` and `self.dtype`."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (batch[1] != IGNORE).sum()
+
+    def positions(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """What the model computes: every position of the (possibly padded) rows."""
+        return batch[0].numel()
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        return next_token_loss(model, *batch, self.device, self.dtype)
+
+
+class NextToken(TokenTargets):
     """Pretraining: predict every next token of windows drawn from prepared token shards."""
 
     def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype):
@@ -82,15 +100,6 @@ class NextToken:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batches.next()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (batch[1] != IGNORE).sum()
-
-    def positions(self, batch: tuple[torch.Tensor, ...]) -> int:
-        return batch[0].numel()
-
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
-        return next_token_loss(model, *batch, self.device, self.dtype)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None:
         if not self.data.has_split("val"):

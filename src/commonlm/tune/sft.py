@@ -20,12 +20,12 @@ from commonlm.data.chat import ChatData
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.model.loss import IGNORE
-from commonlm.train.objective import next_token_loss
+from commonlm.train.objective import TokenTargets
 from commonlm.utils import console, human
 from commonlm.world import World, all_reduce_sum
 
 
-class ChatSFT:
+class ChatSFT(TokenTargets):
     """Conversations in a per-epoch permutation seeded by train.seed, `micro_batch_size` per rank per
     micro-batch; position state {epoch, cursor}, so that a resumed run continues exactly. (DPO draws its
     pairs the same way: PER_ITEM conversations make one item.)"""
@@ -71,16 +71,6 @@ class ChatSFT:
             if self.cursor == self.n:
                 self.epoch, self.cursor = self.epoch + 1, 0
         return picked[self.world.rank * self.batch : (self.world.rank + 1) * self.batch]
-
-    def targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (batch[1] != IGNORE).sum()
-
-    def positions(self, batch: tuple[torch.Tensor, ...]) -> int:
-        """The padded rows' positions: what the model computes (rows are only as long as their batch's longest)."""
-        return batch[0].numel()
-
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
-        return next_token_loss(model, *batch, self.device, self.dtype)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None:
