@@ -56,12 +56,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
             text_field=args.text_field, workers=args.workers, overwrite=args.overwrite)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set a=1 b=2 --set c=3, flattened."""
+    return [item for group in args.set or [] for item in group]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Exit status 0, or 130/143 when SIGINT/SIGTERM stopped the run (saved; see TrainResult.exit_status)."""
     from commonlm.config import apply_overrides, config_from_dict, load_config
     from commonlm.train.trainer import resume_config, train
 
-    overrides = [item for group in args.set or [] for item in group]  # --set a=1 b=2 --set c=3
+    overrides = _overrides(args)
     if args.resume:
         if args.config:
             raise UserError("--resume takes the config saved in the run; drop --config (use --set to change values)")
@@ -82,14 +87,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status
 
 
-def cmd_tune_sft(args: argparse.Namespace) -> int:
+def cmd_tune(args: argparse.Namespace) -> int:
     """tune sft and tune dpo: the same loop from --init, with the verb's config."""
     from commonlm.train.trainer import train
     from commonlm.tune.dpo import dpo_config
     from commonlm.tune.sft import sft_config
 
     make = dpo_config if args.action == "dpo" else sft_config
-    config = make(args.init, args.data, [item for group in args.set or [] for item in group])
+    config = make(args.init, args.data, _overrides(args))
     return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status
 
 
@@ -387,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         sft.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
                          help="override config values, e.g. --set train.lr=5e-5 train.max_steps=1000")
         sft.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
-        sft.set_defaults(func=cmd_tune_sft)
+        sft.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte")
     ev.add_argument("model", help="run directory, model directory or checkpoint")

@@ -236,3 +236,8 @@ def test_a_target_validation_loss_stops_the_run_and_saves_the_model(byte_data, t
     far = train(small_config(byte_data, "train.max_steps=4", "train.eval_every=2", "train.eval_tokens=512",
                              "train.target_val_loss=0.01"), tmp_path / "far")
     assert far.stopped_because == "max_steps" and far.step == 4
+
+
+def test_data_that_is_not_a_prepared_directory_is_named_as_such(tmp_path):
+    with pytest.raises(UserError, match="not a prepared data directory"):
+        train(small_config(tmp_path / "nowhere", "train.max_steps=1"), tmp_path / "r")

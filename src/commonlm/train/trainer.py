@@ -166,6 +166,9 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
     # -- tokenizer and run directory ---------------------------------------------------------------
     if not config.data.path:
         raise UserError("no training data: pass --data DIR (made by `commonlm data prepare`)")
+    if not (Path(config.data.path) / "index.json").is_file():
+        raise UserError(f"data: {config.data.path} is not a prepared data directory (no index.json); create one "
+                        "with `commonlm data prepare`")
     tokenizer = Tokenizer.load(config.data.path)
     latest = ckpt.latest_checkpoint(out) if resume else None
     if resume and latest is None:
