@@ -81,9 +81,14 @@ class LanguageModel:
         return f"LanguageModel({self.path}, {c.family}, {self.model.num_params():,} params)"
 
 
-def load(path: str | Path, device: str = "auto") -> LanguageModel:
+def load(path: str | Path, device: str = "auto", adapter: str | Path | None = None) -> LanguageModel:
+    """A model directory, run or checkpoint; with `adapter`, a LoRA adapter directory applied on top of it."""
     where = resolve_model_path(path)
     model, tokenizer, config = load_model_dir(where, device=pick_device(device))
+    if adapter is not None:
+        from commonlm.tune.lora import apply_adapter
+
+        apply_adapter(model, adapter)
     return LanguageModel(model, tokenizer, config, where)
 
 

@@ -46,6 +46,11 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from commonlm.data.prepare import prepare
 
+    if args.format == "prompts":
+        from commonlm.data.prompts import prepare_prompts
+
+        prepare_prompts(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite)
+        return
     if args.format in ("chat", "preference"):
         from commonlm.data.chat import prepare_chat
 
@@ -88,14 +93,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """tune sft and tune dpo: the same loop from --init, with the verb's config."""
+    """tune sft, dpo and grpo: the same loop from --init, with the verb's config."""
     from commonlm.train.trainer import train
     from commonlm.tune.dpo import dpo_config
+    from commonlm.tune.grpo import grpo_config
     from commonlm.tune.sft import sft_config
 
-    make = dpo_config if args.action == "dpo" else sft_config
-    config = make(args.init, args.data, _overrides(args))
+    make = {"sft": sft_config, "dpo": dpo_config, "grpo": grpo_config}[args.action]
+    flags = [f"train.lora_rank={args.lora_rank}"] if args.lora_rank else []
+    flags += [f"train.base_quant={args.quantize_base}"] if args.quantize_base else []
+    flags += [f"train.reward={args.reward}"] if getattr(args, "reward", None) else []
+    config = make(args.init, args.data, flags + _overrides(args))
     return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from commonlm.tune.lora import merge_adapter_dir
+    from commonlm.utils import console
+
+    out = merge_adapter_dir(args.adapter, args.base, args.out, overwrite=args.overwrite)
+    console.print(f"merged {args.adapter} into {out} (a plain model directory)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -184,7 +201,7 @@ def _inference_model(args: argparse.Namespace):
     from commonlm.infer.packed import can_pack, pack_linears
     from commonlm.runtime import pick_dtype
 
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, device=args.device, adapter=args.adapter)
     dtype = pick_dtype(args.dtype, lm.model.embed.weight.device)
     lm.model.to(dtype)
     if not args.quantize and not getattr(args, "compile", False) and can_pack(lm.model):
@@ -361,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = data.add_parser("prepare", help="tokenize text into token shards")
     inputs(d)
     d.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
-    d.add_argument("--format", choices=["text", "chat", "preference"], default="text",
+    d.add_argument("--format", choices=["text", "chat", "preference", "prompts"], default="text",
                    help="text: documents to token shards; chat: jsonl conversations to tokens + loss mask; "
-                   "preference: jsonl {prompt|messages, chosen, rejected} pairs for tune dpo")
+                   "preference: jsonl {prompt|messages, chosen, rejected} pairs for tune dpo; "
+                   "prompts: jsonl {prompt|messages, answer} for tune grpo")
     d.add_argument("--out", required=True, help="new directory for the token shards")
     d.add_argument("--val-fraction", type=float, default=0.01, help="share of the tokens held out for validation")
     d.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
@@ -383,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="fine-tune a trained model").add_subparsers(dest="action", required=True)
     for verb, what, fmt in [("sft", "supervised fine-tuning on conversations", "chat"),
-                            ("dpo", "direct preference optimization on chosen/rejected pairs", "preference")]:
+                            ("dpo", "direct preference optimization on chosen/rejected pairs", "preference"),
+                            ("grpo", "reinforcement learning with verifiable rewards (GRPO) on prompts", "prompts")]:
         sft = tune.add_parser(verb, help=f"{what} (data prepare --format {fmt})")
         sft.add_argument("--init", required=True, metavar="MODEL_OR_RUN",
                          help="the model to fine-tune" + (" (also the frozen reference)" if verb == "dpo" else ""))
@@ -392,7 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
         sft.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
                          help="override config values, e.g. --set train.lr=5e-5 train.max_steps=1000")
         sft.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
+        sft.add_argument("--lora-rank", type=int, default=0,
+                         help="train LoRA adapters of this rank on a frozen base (0: all weights); train.lora_*")
+        sft.add_argument("--quantize-base", choices=["int8", "int4"],
+                         help="with --lora-rank: keep the frozen base quantized (QLoRA)")
+        if verb == "grpo":
+            sft.add_argument("--reward", required=True, metavar="CHECKER",
+                             help="gsm8k (final number equals the answer), exact (exact match), or FILE.py:FUNCTION "
+                             "(your own Python, run in this process)")
         sft.set_defaults(func=cmd_tune)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain model directory")
+    mg.add_argument("adapter", help="adapter directory (a LoRA run's final/ or checkpoint, or a PEFT adapter)")
+    mg.add_argument("--base", help="the base model directory (default: the one the adapter names)")
+    mg.add_argument("--out", required=True, help="new model directory")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    mg.set_defaults(func=cmd_merge)
 
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte")
     ev.add_argument("model", help="run directory, model directory or checkpoint")
@@ -409,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                        help="weights in memory (auto: bf16 where the hardware does it natively)")
         q.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
+        q.add_argument("--adapter", metavar="DIR", help="a LoRA adapter directory to apply on top of the model")
 
     g = sub.add_parser("generate", help="sample text from a model")
     inference(g)

@@ -130,9 +130,27 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
     threads: int = 0  # CPU threads for torch; 0: the CPUs other processes leave free, re-checked (threads.py)
-    objective: Literal["next_token", "sft", "dpo"] = "next_token"  # pretraining, or fine-tuning: tune/sft.py, dpo.py
+    # pretraining, or fine-tuning: tune/sft.py, dpo.py, grpo.py
+    objective: Literal["next_token", "sft", "dpo", "grpo"] = "next_token"
+    init: str = ""  # the model directory a fine-tuning run started from (the tune verbs set it to --init)
+    # -- dpo (tune/dpo.py)
     dpo_beta: float = 0.1  # dpo: how far the policy may move from the reference (larger: less far)
-    reference: str = ""  # dpo: the frozen reference model's directory (`tune dpo` sets it to --init)
+    dpo_loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # sigmoid DPO, IPO, or reference-free SimPO
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
+    reference: str = ""  # dpo, grpo with a KL term: the frozen reference model's directory (`tune` sets it)
+    # -- lora (tune/lora.py): adapters on a frozen base; 0: full fine-tuning
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Hugging Face module names
+    base_quant: Literal["", "int8", "int4"] = ""  # lora: keep the frozen base weights quantized (QLoRA)
+    # -- grpo (tune/grpo.py): RL with verifiable rewards
+    reward: str = ""  # gsm8k | exact | path/to/file.py:function (the user's own code, run in-process)
+    grpo_group_size: int = 8  # completions sampled per prompt
+    grpo_max_new_tokens: int = 128
+    grpo_temperature: float = 1.0
+    grpo_clip: float = 0.2  # epsilon of the clipped objective
+    grpo_kl_beta: float = 0.0  # weight of the KL term to the reference (0: none, no reference model)
 
     def validate(self) -> None:
         positive = ["micro_batch_size", "max_steps", "log_every", "keep_last", "max_nonfinite"]

@@ -1,8 +1,10 @@
 """What the training loop optimizes: an objective owns its batches and its loss; the loop owns the rest
 (schedule, accumulation, clipping, checkpoints, evaluation cadence, signals, parallelism).
 
-An objective is any object with these methods (pretraining's `NextToken` below is the default one;
-fine-tuning objectives plug in the same way, see `train(..., objective=...)`):
+An objective is made with `make(config, world, device, dtype, model=model)` (`model`: the model being
+trained, for an objective that samples from it, as GRPO does) and is any object with these methods
+(pretraining's `NextToken` below is the default one; fine-tuning objectives plug in the same way, see
+`train(..., objective=...)`):
 
     next_batch() -> batch              the next micro-batch of this rank, on the device
     targets(batch) -> Tensor           how many target tokens it holds (0-dim, on the device)
@@ -83,7 +85,8 @@ class TokenTargets:
 class NextToken(TokenTargets):
     """Pretraining: predict every next token of windows drawn from prepared token shards."""
 
-    def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype,
+                 model: torch.nn.Module | None = None):
         cfg = config.train
         self.seq_len = cfg.seq_len or config.model.max_seq_len
         self.data = TokenData(config.data.path)

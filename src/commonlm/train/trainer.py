@@ -112,8 +112,9 @@ def seq_len_of(config: RunConfig) -> int:
     return config.train.seq_len or config.model.max_seq_len
 
 
-# How the loop gets its objective: a class (or function) taking the run's config, world, device and autocast dtype
-MakeObjective = Callable[[RunConfig, World, torch.device, torch.dtype], Objective]
+# How the loop gets its objective: a class (or function) taking the run's config, world, device and autocast
+# dtype, and (keyword `model`) the model being trained, for an objective that samples from it (GRPO)
+MakeObjective = Callable[..., Objective]
 
 
 def objective_of(config: RunConfig) -> MakeObjective:
@@ -126,6 +127,10 @@ def objective_of(config: RunConfig) -> MakeObjective:
         from commonlm.tune.dpo import DPO
 
         return DPO
+    if config.train.objective == "grpo":
+        from commonlm.tune.grpo import GRPO
+
+        return GRPO
     return NextToken
 
 
@@ -201,7 +206,7 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
     dtype = pick_dtype(cfg.dtype, device)
     model = parallelize(raw_model, config, world, device)
     optimizer = make_optimizer(raw_model, cfg, device)
-    objective = make_objective(config, world, device, dtype)
+    objective = make_objective(config, world, device, dtype, model=raw_model)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "best_val_loss": None, "evals_since_best": 0,
                              "nonfinite_streak": 0, "data": objective.state_dict(), "elapsed": 0.0}
     if latest is not None:

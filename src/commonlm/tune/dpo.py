@@ -56,10 +56,11 @@ class DPO(ChatSFT):
 
     PER_ITEM = 2
 
-    def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype,
+                 model: torch.nn.Module | None = None):
         from commonlm.modeldir import load_model_dir
 
-        super().__init__(config, world, device, dtype)
+        super().__init__(config, world, device, dtype, model)
         self.beta, self.reference_path = config.train.dpo_beta, config.train.reference
         reference, _, _ = load_model_dir(config.train.reference, device=device)
         reference.eval()

@@ -32,7 +32,8 @@ class ChatSFT(TokenTargets):
 
     PER_ITEM = 1
 
-    def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype,
+                 model: torch.nn.Module | None = None):
         cfg = config.train
         self.data = ChatData(config.data.path)
         self.data.check_tokenizer(Tokenizer.load(self.data.path))
