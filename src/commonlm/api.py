@@ -18,14 +18,14 @@ from commonlm.errors import UserError
 from commonlm.infer.chat import fit_conversation
 from commonlm.infer.generate import SamplingParams, stream_text
 from commonlm.model.decoder import Decoder
-from commonlm.modeldir import MODEL_FILES, has_weights, load_model_dir
+from commonlm.modeldir import is_model_dir, load_model_dir
 from commonlm.runtime import pick_device
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A model directory itself, a run's `final/`, or else the run's newest checkpoint."""
+    """A model (or adapter) directory itself, a run's `final/`, or else the run's newest checkpoint."""
     path = Path(path)
-    if all((path / f).is_file() for f in MODEL_FILES) and has_weights(path):
+    if is_model_dir(path):
         return path
     if (path / "final").is_dir():
         return path / "final"
@@ -82,13 +82,15 @@ class LanguageModel:
 
 
 def load(path: str | Path, device: str = "auto", adapter: str | Path | None = None) -> LanguageModel:
-    """A model directory, run or checkpoint; with `adapter`, a LoRA adapter directory applied on top of it."""
+    """A model directory, run or checkpoint (a LoRA run's: its base with the adapter merged in); with `adapter`,
+    a LoRA adapter directory (ours or PEFT's) merged into that model."""
     where = resolve_model_path(path)
     model, tokenizer, config = load_model_dir(where, device=pick_device(device))
     if adapter is not None:
-        from commonlm.tune.lora import apply_adapter
+        from commonlm.tune.lora import apply_adapter, is_adapter_dir, merge_lora
 
-        apply_adapter(model, adapter)
+        adapter = adapter if is_adapter_dir(adapter) else resolve_model_path(adapter)  # or a LoRA run
+        merge_lora(apply_adapter(model, adapter))  # merged: decoding costs what the base's does
     return LanguageModel(model, tokenizer, config, where)
 
 

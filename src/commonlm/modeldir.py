@@ -9,6 +9,11 @@
 
 Checkpoints are model directories with training state added (see train/checkpoint.py), so every
 verb that takes a model directory also takes a checkpoint.
+
+A model with LoRA adapters (a train.lora_rank run) saves as an adapter directory instead: PEFT's
+adapter_config.json (base_model_name_or_path = the base directory) + adapter_model.safetensors in place of
+config.json and the weights, and the same tokenizer, generation_config.json and commonlm.yaml (weights:
+adapter). Loading one loads its base and merges the adapter in (tune/lora.py's load_adapter_dir).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.interop import hf
 from commonlm.model.decoder import Decoder
+from commonlm.tune import lora
 from commonlm.utils import atomic_dir, atomic_write_json, atomic_write_text
 
 MODEL_FILES = ("config.json", "commonlm.yaml")  # plus model.safetensors or its sharded index
@@ -96,21 +102,17 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig,
                       weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the model-directory files into an existing (usually temporary) directory: a transformers
-    directory when the family's class holds every tensor and setting of the model, else the native one.
-    `weights`: the model's whole state dict when the caller gathered it already (a sharded model's)."""
+    directory when the family's class holds every tensor and setting of the model, else the native one; for a
+    model with LoRA adapters, an adapter directory. `weights`: the model's whole state dict when the caller
+    gathered it already (a sharded model's)."""
     directory = Path(directory)
+    model = _unwrap(model)
     c = model.config
-    weights = _unwrap(model).state_dict() if weights is None else weights
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}
-    eos_id = tokenizer.token_id(tokenizer.eos_token)
-    reason = hf.hf_incompatibility(c, state)
-    if reason is None:
-        weights, tensors, config_json = c.family, hf.to_hf(c, state), hf.hf_config(c, eos_id, tokenizer.pad_id)
-    else:  # our names, the tied head stored once (safetensors refuses shared tensors)
-        tensors = {k: v.contiguous() for k, v in state.items() if not (c.tie_embeddings and k == "lm_head.weight")}
-        weights, config_json = "native", hf.native_config(c, eos_id, tokenizer.pad_id, reason)
-    write_weights(directory, tensors, {"format": "pt", "commonlm_weights": weights})
-    atomic_write_json(directory / "config.json", config_json)
+    if lora.lora_modules(model):  # the adapters only, naming their frozen base (train.init)
+        lora.write_adapter(directory, model, base_model=config.train.init or None)
+        naming = "adapter"
+    else:
+        naming = _write_weights(directory, model, tokenizer, weights)
     eos = list(tokenizer.stop_ids)
     atomic_write_json(
         directory / "generation_config.json",
@@ -118,8 +120,33 @@ def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenize
          "top_k": 50, "top_p": 0.95, "max_length": c.max_seq_len},
     )
     tokenizer.save(directory, model_max_length=c.max_seq_len)
-    doc = {"weights": weights, **config.to_dict()}
+    doc = {"weights": naming, **config.to_dict()}
     atomic_write_text(directory / "commonlm.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
+def _write_weights(directory: Path, model: Decoder, tokenizer: Tokenizer,
+                   weights: dict[str, torch.Tensor] | None) -> str:
+    """The weights and config.json, under the family's transformers names where they fit, else ours; the naming."""
+    c = model.config
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}
+    eos_id = tokenizer.token_id(tokenizer.eos_token)
+    reason = hf.hf_incompatibility(c, state)
+    if reason is None:
+        naming, tensors, config_json = c.family, hf.to_hf(c, state), hf.hf_config(c, eos_id, tokenizer.pad_id)
+    else:  # our names, the tied head stored once (safetensors refuses shared tensors)
+        tensors = {k: v.contiguous() for k, v in state.items() if not (c.tie_embeddings and k == "lm_head.weight")}
+        naming, config_json = "native", hf.native_config(c, eos_id, tokenizer.pad_id, reason)
+    write_weights(directory, tensors, {"format": "pt", "commonlm_weights": naming})
+    atomic_write_json(directory / "config.json", config_json)
+    return naming
+
+
+def is_model_dir(directory: str | Path) -> bool:
+    """A model directory (or checkpoint) with weights, or an adapter directory (loaded onto its base)."""
+    directory = Path(directory)
+    return (all((directory / f).is_file() for f in MODEL_FILES) and has_weights(directory)) or \
+        lora.is_adapter_dir(directory)
 
 
 def save_model_dir(path: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig,
@@ -146,8 +173,11 @@ def read_run_config(directory: str | Path) -> tuple[RunConfig, str]:
 def load_model_dir(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Decoder, Tokenizer, RunConfig]:
-    """Rebuild the model, tokenizer and config saved in a model directory (or checkpoint)."""
+    """Rebuild the model, tokenizer and config saved in a model directory (or checkpoint). An adapter directory
+    gives its base model with the adapter merged in."""
     directory = Path(directory)
+    if lora.is_adapter_dir(directory):
+        return lora.load_adapter_dir(directory, device=device)
     missing = [f for f in MODEL_FILES if not (directory / f).is_file()]
     missing += [] if has_weights(directory) else ["model.safetensors"]
     if missing:

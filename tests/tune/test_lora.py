@@ -90,7 +90,9 @@ def test_training_changes_only_the_adapter():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    after = model.state_dict()
+    # the base tensors live on inside the adapter modules (".base."): every one unchanged, none left out
+    after = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert set(after) == set(base)
     for k, v in base.items():
         assert torch.equal(after[k], v), k
     assert any(b.abs().sum() > 0 for m in lora_modules(model).values() for b in m.lora_B.values())
@@ -124,3 +126,30 @@ def test_peft_loads_our_adapter_with_same_logits(config, targets, tmp_path):
     assert (ours - base_logits).abs().max().item() > 1e-3  # the adapter matters, so PEFT must have applied it
     assert (ours - ref).abs().max().item() < 1e-4
     assert (merge_lora(model)(idx)[0] - plain).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_qlora_gradients_equal_those_through_the_dequantized_float_base(mode):
+    from torch import nn
+
+    from commonlm.tune.lora import quantize_base
+
+    model = quantize_base(_model().train(), mode)
+    add_lora(model, r=4, alpha=8)
+    _randomize_b(model)
+    # the same model with each quantized base replaced by a float nn.Linear holding its dequantized weight
+    reference = copy.deepcopy(model)
+    for m in lora_modules(reference).values():
+        linear = nn.Linear(m.in_features, m.out_features, bias=False)
+        linear.weight = nn.Parameter(m.base.dequantized(), requires_grad=False)
+        m.base = linear
+    idx = _idx()
+    grads = []
+    for m in (model, reference):
+        logits, _ = m(idx[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 2 * 2 * 7
+    for name, grad in grads[1].items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(grads[0][name], grad, rtol=1e-3, atol=1e-6), name

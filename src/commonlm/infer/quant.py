@@ -112,6 +112,28 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class Int4DequantLinear(nn.Module):
+    """The int4 format of `quantize_int4` for a frozen base that is trained through (QLoRA): codes stored two
+    per byte in plain row-major order, multiplied through the weight dequantized for each call, one layer
+    at a time. The packed kernel's layout differs by CPU and has no inverse, and the input gradient needs
+    the weight itself (`dequantized`); at 0.5 bytes per weight it holds what Int4Linear holds."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32):
+        super().__init__()
+        q, scales_zeros = quantize_int4(linear.weight.detach(), group_size)
+        self.group_size, self.in_features, self.out_features = group_size, linear.in_features, linear.out_features
+        self.register_buffer("codes", (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8))  # the first code high
+        self.register_buffer("scales_zeros", scales_zeros.float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def dequantized(self) -> torch.Tensor:
+        q = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).reshape(self.out_features, self.in_features)
+        return dequantize_int4(q, self.scales_zeros, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
 def replace_modules(
     model: nn.Module, kind: type[nn.Module], make: Callable[[nn.Module], nn.Module | None]
 ) -> nn.Module:

@@ -196,7 +196,7 @@ def _tensor_mismatch(c: ModelConfig, state: dict[str, torch.Tensor]) -> str | No
     for name, tensor in state.items():
         if name not in expected:
             return f"tensor {name} is not part of a {c.family} model"
-        if _their_names(c.family, name) is None:
+        if their_names(c.family, name) is None:
             return f"tensor {name} has no {c.family} name"
         if tuple(tensor.shape) != expected[name]:
             return f"tensor {name} has shape {tuple(tensor.shape)}, not {expected[name]}"
@@ -207,7 +207,7 @@ def _tensor_mismatch(c: ModelConfig, state: dict[str, torch.Tensor]) -> str | No
 # -- weights ----------------------------------------------------------------------------------------
 
 
-def _their_names(family: str, ours: str) -> tuple[str, ...] | None:
+def their_names(family: str, ours: str) -> tuple[str, ...] | None:
     """The transformers name(s) of one of our tensors (several for a fused one), None if the table has none."""
     module, _, suffix = ours.rpartition(".")
     layer = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
@@ -225,14 +225,14 @@ def hf_names(c: ModelConfig, names: Iterable[str]) -> dict[str, tuple[str, ...]]
     for ours in names:
         if c.tie_embeddings and ours == "lm_head.weight":
             continue
-        theirs = _their_names(c.family, ours)
+        theirs = their_names(c.family, ours)
         if theirs is None:
             raise KeyError(f"{ours} has no {c.family} name")
         out[ours] = theirs
     return out
 
 
-def _split_rows(c: ModelConfig, ours: str) -> list[int]:
+def split_rows(c: ModelConfig, ours: str) -> list[int]:
     """Rows of each transformers part of a fused tensor: q, k, v or gate, up."""
     if ".attn.qkv." in ours:
         return [c.n_head * c.dim_head, c.kv_heads * c.dim_head, c.kv_heads * c.dim_head]
@@ -243,7 +243,7 @@ def to_hf(c: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """Our state dict -> transformers names (a fresh dict of contiguous tensors)."""
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in hf_names(c, state).items():
-        parts = state[ours].split(_split_rows(c, ours)) if len(theirs) > 1 else [state[ours]]
+        parts = state[ours].split(split_rows(c, ours)) if len(theirs) > 1 else [state[ours]]
         for name, tensor in zip(theirs, parts):
             out[name] = (tensor.t() if name.endswith(CONV1D) else tensor).contiguous()
     return out

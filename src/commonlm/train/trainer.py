@@ -186,7 +186,13 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
         raise UserError(f"{out} already holds a run; continue it with --resume, or choose another --out")
 
     # -- model: build, place, parallelize; then its optimizer --------------------------------------
-    if latest is not None:
+    if cfg.lora_rank:  # adapters on the frozen base train.init; a checkpoint holds the adapters only
+        from commonlm.tune.lora import describe_lora, lora_model
+
+        model = lora_model(config, tokenizer, device, init=init, adapter=latest)
+        if world.is_main:
+            console.print(describe_lora(model, config))
+    elif latest is not None:
         model, _, _ = load_model_dir(latest, device=device)
     elif init is not None:
         from commonlm.api import resolve_model_path

@@ -141,7 +141,10 @@ def sft_config(init: str, data: str, overrides: list[str]) -> RunConfig:
     from commonlm.api import resolve_model_path
     from commonlm.modeldir import read_run_config
 
-    config, _ = read_run_config(resolve_model_path(init))
-    config = config_from_dict(apply_overrides(config.to_dict(), SFT_DEFAULTS + list(overrides)))
+    path = resolve_model_path(init)
+    config, _ = read_run_config(path)
+    # the base of this run (a LoRA run reads it again on resume); not how `init` itself was trained
+    start = [f"train.init={path.resolve()}", "train.lora_rank=0", "train.base_quant="]
+    config = config_from_dict(apply_overrides(config.to_dict(), SFT_DEFAULTS + start + list(overrides)))
     config.data.path = str(data)
     return config.validate()
