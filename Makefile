@@ -5,7 +5,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup browser demo test test-fast bench lint clean
+.PHONY: setup browser demo chat-demo test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ browser:
 
 demo: setup
 	$(PY) -m commonlm quickstart --overwrite
+
+# demo, then on to a chat model (fine-tuned on the standard library's docstrings): about 8 minutes
+chat-demo: setup
+	$(PY) -m commonlm quickstart --chat --overwrite
 
 test: setup
 	$(PY) -m pytest -n 2 -q

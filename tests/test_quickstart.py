@@ -39,3 +39,34 @@ def test_quickstart_stopped_by_ctrl_c_saves_and_exits_130(tmp_path, monkeypatch)
     monkeypatch.setattr(trainer, "lr_at", lr_at_and_interrupt)
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--seconds", "600"]) == 130  # not a traceback
     assert (tmp_path / "qs" / "run" / "checkpoints" / "step_000002").is_dir()
+
+
+@pytest.mark.slow
+def test_chat_quickstart_makes_a_chat_model(tmp_path, capsys, monkeypatch):
+    import commonlm.quickstart as qs
+    from commonlm.cli import build_parser
+    from commonlm.data.tokenizer import IM_END, IM_START
+
+    args = build_parser().parse_args(["quickstart", "--chat", "--sft-seconds", "5"])
+    assert args.chat and args.sft_seconds == 5 and args.out is None
+    monkeypatch.setattr(qs, "FORMAT_QUESTIONS", 4)  # a tiny budget: few, short replies
+    monkeypatch.setattr(qs, "CHAT_SAMPLING", {**qs.CHAT_SAMPLING, "max_tokens": 24})
+    report = quickstart(out=tmp_path / "qs", max_steps=10, vocab_size=1024, chat=True, sft_steps=6, conversations=300)
+    chat = report["chat"]
+    assert report["exit_status"] == 0 and chat["steps"] == 6 and 250 < chat["conversations"] <= 300
+    for share in (chat["before"], chat["after"]):
+        assert share["replies"] == 4 and share["end_of_turn"] + share["length"] + share["other"] == 4
+    model = load(chat["final_dir"])
+    assert model.config.train.objective == "sft" and model.config.train.init == str(report["final_dir"])
+    messages = [{"role": "user", "content": "What does `len` do?"}]
+    assert model.tokenizer.apply_chat_template(messages) == f"{IM_START}user\nWhat does `len` do?{IM_END}\n" \
+        f"{IM_START}assistant\n"
+    ids = model.tokenizer.encode_chat(messages)
+    assert ids.count(model.tokenizer.token_id(IM_END)) == 1 and ids.count(model.tokenizer.token_id(IM_START)) == 2
+    captured = capsys.readouterr()
+    printed, told = captured.out, " ".join(captured.err.split())  # samples on stdout, the rest on stderr
+    first = qs.CHAT_SAMPLES[0][0]  # the samples it prints are the fine-tuned model's own replies
+    reply = model.chat([{"role": "user", "content": first}], seed=0, **qs.CHAT_SAMPLING)
+    assert f"user: {first}\nassistant: {reply}\n" in printed
+    assert f"commonlm chat {tmp_path / 'qs' / 'chat-run'}" in told
+    assert f"after fine-tuning: {chat['after']['end_of_turn']} of 4 replies" in told

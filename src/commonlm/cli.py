@@ -161,7 +161,8 @@ def _note_if_cut(lm, prompt: str, max_tokens: int) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from commonlm.quickstart import quickstart
 
-    return quickstart(out=args.out, train_seconds=args.seconds, overwrite=args.overwrite)["exit_status"]
+    return quickstart(out=args.out, train_seconds=args.seconds, overwrite=args.overwrite, chat=args.chat,
+                      sft_seconds=args.sft_seconds)["exit_status"]
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -454,9 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quickstart", help="train a small model on this Python's standard library (a few minutes)")
-    q.add_argument("--out", default="runs/quickstart", help="directory for everything it makes")
+    q.add_argument("--out", help="where everything goes (runs/quickstart, with --chat runs/quickstart-chat)")
     q.add_argument("--seconds", type=float, default=240.0, help="training time budget")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run")
+    q.add_argument("--chat", action="store_true", help="go on to a chat model: fine-tune on conversations built "
+                   "from the standard library's docstrings, then chat")
+    q.add_argument("--sft-seconds", type=float, default=180.0, help="with --chat: fine-tuning time budget")
     q.set_defaults(func=cmd_quickstart)
 
     im = sub.add_parser("import", help="import a local Hugging Face model directory (GPT-2, Llama, Mistral, Qwen2/3)")
