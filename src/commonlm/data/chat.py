@@ -41,8 +41,9 @@ MIN_HASH_SPLIT = 20  # below this many conversations a hash split is too coarse:
 # Reading and checking the input
 
 
-def _conversation(record: object, where: str) -> list[dict[str, str]]:
-    """The messages of one jsonl record, checked; `where` is 'file:line' for the error."""
+def _conversation(record: object, where: str, reply: bool = True) -> list[dict[str, str]]:
+    """The messages of one jsonl record, checked; `where` is 'file:line' for the error. With `reply` False, a
+    conversation so far that waits for the assistant's reply (a prompt: no assistant turn needed)."""
     if not isinstance(record, dict):
         raise UserError(f"chat data: {where}: expected a JSON object with 'messages' or 'prompt' and 'completion'")
     if "messages" in record:
@@ -66,7 +67,7 @@ def _conversation(record: object, where: str) -> list[dict[str, str]]:
         if role == "assistant" and not content.strip():
             raise UserError(f"chat data: {where}: message {k} is an empty assistant turn (nothing to learn)")
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
+    if reply and not any(m["role"] == "assistant" for m in out):
         raise UserError(f"chat data: {where}: the conversation has no assistant turn (nothing to learn)")
     return out
 
@@ -173,6 +174,21 @@ def _write_split(directory: Path, split: str, rows: list[tuple[list[int], list[i
             "longest": int(lengths.max(initial=0))}  # fmt: skip
 
 
+def check_prepare_args(inputs: list[str], tokenizer_path: str | Path, out: Path, val_fraction: float,
+                       overwrite: bool, fmt: str) -> Tokenizer:
+    """The checks before rendering data with a chat template (--format `fmt`): the tokenizer, which has one."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"data: --val-fraction {val_fraction} must be in [0, 1)")
+    if out.exists() and not overwrite:
+        raise already_exists("data", out)
+    if out.exists() and any(Path(i).resolve().is_relative_to(out.resolve()) for i in inputs):
+        raise UserError(f"data: an input is inside the output dir {out}; choose another --out")
+    tok = Tokenizer.load(tokenizer_path)
+    if not tok.chat_template:
+        raise UserError(f"data: the tokenizer in {tokenizer_path} has no chat template; --format {fmt} needs one")
+    return tok
+
+
 def prepare_chat(
     inputs: list[str],
     tokenizer_path: str | Path,
@@ -186,16 +202,8 @@ def prepare_chat(
     and chosen reply, 2k + 1 the same prompt and its rejected reply, only the reply masked as a target; a pair
     is deduplicated and split as one, and index.json says "preference": true."""
     t0 = time.perf_counter()
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"data: --val-fraction {val_fraction} must be in [0, 1)")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise already_exists("data", out)
-    if out.exists() and any(Path(i).resolve().is_relative_to(out.resolve()) for i in inputs):
-        raise UserError(f"data: an input is inside the output dir {out}; choose another --out")
-    tok = Tokenizer.load(tokenizer_path)
-    if not tok.chat_template:
-        raise UserError(f"data: the tokenizer in {tokenizer_path} has no chat template; --format chat needs one")
+    tok = check_prepare_args(inputs, tokenizer_path, out, val_fraction, overwrite, "chat")
     dtype = token_dtype(tok.vocab_size)
     if preference:
         from commonlm.data.preference import read_pairs

@@ -54,6 +54,7 @@ class Sequence:
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_id: int | None = None  # the stop id that ended it (finish_reason "stop"); not in `generated`
     cancelled: bool = False
     generator: torch.Generator | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -167,6 +168,14 @@ class Engine:
             except Exception as e:  # a bug must not stop the engine: fail what was running, keep serving
                 self._fail_running(e)
 
+    def run_all(self, requests: list[Request]) -> list[Sequence]:
+        """Submit `requests` and decode on the calling thread until every one has finished, for an engine that
+        nobody else feeds (GRPO's rollouts, tune/grpo.py): their ids are in `.generated`. Errors propagate."""
+        seqs = [self.submit(request) for request in requests]
+        while self.waiting or self.running:
+            self.step()
+        return seqs
+
     # -- one step -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
@@ -245,7 +254,7 @@ class Engine:
             if seq.first_token_at is None:
                 seq.first_token_at = time.perf_counter()
             if token in r.stop_ids:
-                seq.finish_reason = "stop"
+                seq.finish_reason, seq.stop_id = "stop", token
                 continue
             seq.generated.append(token)
             self.stats.generated_tokens += 1
