@@ -90,7 +90,7 @@ def load(path: str | Path, device: str = "auto", adapter: str | Path | None = No
         from commonlm.tune.lora import apply_adapter, is_adapter_dir, merge_lora
 
         adapter = adapter if is_adapter_dir(adapter) else resolve_model_path(adapter)  # or a LoRA run
-        merge_lora(apply_adapter(model, adapter))  # merged: decoding costs what the base's does
+        merge_lora(apply_adapter(model, adapter, tokenizer))  # merged: decoding costs what the base's does
     return LanguageModel(model, tokenizer, config, where)
 
 

@@ -246,7 +246,27 @@ def test_bad_settings_are_one_line_errors(base_and_data, lora_run, tmp_path):
     save_model_dir(tmp_path / "other", Decoder(other.model), Tokenizer.byte_level(), other)
     with pytest.raises(UserError, match="another"):  # a base of another shape
         load(tmp_path / "other", device="cpu", adapter=lora_run.final_dir)
-    with pytest.raises(UserError, match="another model"):
+    with pytest.raises(UserError, match="another model than this one"):
         from commonlm.tune.lora import merge_adapter_dir
 
         merge_adapter_dir(lora_run.final_dir, tmp_path / "other", tmp_path / "m")
+
+
+def test_tune_dpo_with_qlora_through_the_cli(tmp_path):
+    from commonlm.cli import main
+
+    rng = random.Random(1)
+    records = []
+    for _ in range(60):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        records.append({"prompt": f"{a}+{b}", "chosen": f"yes {a + b}", "rejected": f"no {a + b + 1}"})
+    base, pref = make_base_and_data(tmp_path, records, val_fraction=0.2, preference=True)
+    settings = [s for s in SMALL if "lr" not in s] + ["train.lr=2e-2", "train.max_steps=10", "train.ckpt_every=5"]
+    status = main(["tune", "dpo", "--init", str(base), "--data", str(pref), "--out", str(tmp_path / "run"),
+                   "--lora-rank", "4", "--quantize-base", "int8", "--set", *settings])
+    assert status == 0
+    losses = _losses(tmp_path / "run")
+    assert abs(losses[0] - 0.6931) < 0.01 and losses[-1] < losses[0] - 0.05, losses  # log 2: policy = reference
+    config = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    assert not (tmp_path / "run" / "final" / "model.safetensors").exists()

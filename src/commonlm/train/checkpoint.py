@@ -6,6 +6,11 @@
         trainer_state.json           step, tokens, data position, best validation loss, ...
         rng.pt                       torch CPU (and CUDA) generator states
 
+A LoRA run's checkpoint (train.lora_rank > 0) holds its adapter directory instead of the model files:
+adapter_config.json + adapter_model.safetensors (the trainable tensors, naming the base train.init), the
+tokenizer and commonlm.yaml; resuming loads the base from train.init again (quantized as before) and the
+adapters from here, and the optimizer state covers the adapters only.
+
 Each checkpoint is written into a temporary sibling and renamed into place, so a crash or SIGKILL
 while saving leaves the previous checkpoint as the latest complete one. Only the newest `keep_last`
 are kept.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,13 +48,16 @@ UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "
 
 
 class _ThroughFrozen(torch.autograd.Function):
-    """y = base(x) for a quantized base, whose packed kernels have no autograd: the input's gradient is
-    grad_y @ W with W dequantized for that moment; the base gets none (it is frozen)."""
+    """y = x @ W.T + b for a quantized base, W dequantized for the moment: in the forward (the packed int8
+    kernel is made for decoding a few rows: 20x slower than this at training's hundreds) and again in the
+    backward, for the input's gradient grad_y @ W. Autograd through F.linear would keep every layer's W in
+    float until the backward, the memory QLoRA saves. The base gets no gradient (it is frozen)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         ctx.base, ctx.dtype = base, x.dtype
-        return base(x)
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        return F.linear(x, base.dequantized().to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -303,10 +307,30 @@ def load_adapter(model: Decoder, directory: str | Path) -> Decoder:
     return model
 
 
-def apply_adapter(model: Decoder, directory: str | Path) -> Decoder:
+def check_base(directory: str | Path, model: Decoder, tokenizer: Tokenizer | None = None) -> None:
+    """Our adapter directories say what they were trained on (commonlm.yaml, tokenizer.json): refuse another
+    base. PEFT's say nothing we can check beyond the tensors' names and shapes (load_adapter checks those)."""
+    from commonlm.modeldir import read_run_config
+
+    directory = Path(directory)
+    if not (directory / "commonlm.yaml").is_file():
+        return
+    ours, _ = read_run_config(directory)
+    if ours.model != model.config:
+        raise UserError(f"{directory}: the adapter was trained on another model than this one (its model config "
+                        f"differs); give it its own base ({ours.train.init or 'see its commonlm.yaml'})")
+    if tokenizer is not None and (directory / "tokenizer.json").is_file() and \
+            Tokenizer.load(directory).hash != tokenizer.hash:
+        raise UserError(f"{directory}: the adapter was trained with another tokenizer than this model's; give it "
+                        f"its own base ({ours.train.init or 'see its commonlm.yaml'})")
+
+
+def apply_adapter(model: Decoder, directory: str | Path, tokenizer: Tokenizer | None = None) -> Decoder:
     """Put the LoRA adapter of `directory` (ours, or one PEFT saved for this model's transformers export) on
-    `model`, in place, unmerged (merge_lora folds it in). Returns the model."""
+    `model`, in place, unmerged (merge_lora folds it in). Returns the model. With `tokenizer` (the model's),
+    an adapter of ours made with another tokenizer is refused too."""
     config = read_adapter_config(directory)
+    check_base(directory, model, tokenizer)
     found = _wrap(model, _peft_selects(config["target_modules"]), int(config["r"]), float(config["lora_alpha"]),
                   float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")))
     if not found:
@@ -333,15 +357,9 @@ def load_adapter_dir(directory: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{directory}: its base model {base} is not on this machine; give the model the adapter "
                         f"was trained on with --base MODEL (or merge it: `commonlm merge {directory} --base MODEL`)")
     model, tokenizer, config = load_model_dir(resolve_model_path(base), device=device)
-    if (directory / "tokenizer.json").is_file() and Tokenizer.load(directory).hash != tokenizer.hash:
-        raise UserError(f"{directory}: the adapter was trained with another tokenizer than {base}'s; wrong base")
-    if (directory / "commonlm.yaml").is_file():
-        ours, _ = read_run_config(directory)
-        if ours.model != model.config:
-            raise UserError(f"{directory}: the adapter was trained on another model than {base} (model config "
-                            f"differs); give its base with --base MODEL")
-        config = ours
-    merge_lora(apply_adapter(model, directory))
+    merge_lora(apply_adapter(model, directory, tokenizer))
+    if (directory / "commonlm.yaml").is_file():  # the fine-tuning run's record
+        config, _ = read_run_config(directory)
     config.train.lora_rank, config.train.base_quant = 0, ""  # what it is now: a plain model
     return model, tokenizer, config
 
