@@ -45,6 +45,7 @@ def test_quickstart_stopped_by_ctrl_c_saves_and_exits_130(tmp_path, monkeypatch)
 def test_chat_quickstart_makes_a_chat_model(tmp_path, capsys, monkeypatch):
     import commonlm.quickstart as qs
     from commonlm.cli import build_parser
+    from commonlm.data.chat import ChatData
     from commonlm.data.tokenizer import IM_END, IM_START
 
     args = build_parser().parse_args(["quickstart", "--chat", "--sft-seconds", "5"])
@@ -54,9 +55,14 @@ def test_chat_quickstart_makes_a_chat_model(tmp_path, capsys, monkeypatch):
     report = quickstart(out=tmp_path / "qs", max_steps=10, vocab_size=1024, chat=True, sft_steps=6, conversations=300)
     chat = report["chat"]
     assert report["exit_status"] == 0 and chat["steps"] == 6 and 250 < chat["conversations"] <= 300
-    for share in (chat["before"], chat["after"]):
-        assert share["replies"] == 4 and share["end_of_turn"] + share["length"] + share["other"] == 4
     model = load(chat["final_dir"])
+    prompts = qs.held_out_prompts(tmp_path / "qs" / "chat-data", 4)  # validation conversations' first questions
+    assert 0 < len(prompts) == min(4, ChatData(tmp_path / "qs" / "chat-data").conversations("val"))
+    for prompt in prompts:
+        text = model.tokenizer.decode(prompt)
+        assert text.endswith(f"{IM_START}assistant\n") and text.count(IM_START) == text.count(IM_END) + 1
+    for share in (chat["before"], chat["after"]):
+        assert share["replies"] == len(prompts) == share["end_of_turn"] + share["length"] + share["other"]
     assert model.config.train.objective == "sft" and model.config.train.init == str(report["final_dir"])
     messages = [{"role": "user", "content": "What does `len` do?"}]
     assert model.tokenizer.apply_chat_template(messages) == f"{IM_START}user\nWhat does `len` do?{IM_END}\n" \
@@ -69,4 +75,4 @@ def test_chat_quickstart_makes_a_chat_model(tmp_path, capsys, monkeypatch):
     reply = model.chat([{"role": "user", "content": first}], seed=0, **qs.CHAT_SAMPLING)
     assert f"user: {first}\nassistant: {reply}\n" in printed
     assert f"commonlm chat {tmp_path / 'qs' / 'chat-run'}" in told
-    assert f"after fine-tuning: {chat['after']['end_of_turn']} of 4 replies" in told
+    assert f"after fine-tuning: {chat['after']['end_of_turn']} of {len(prompts)} replies" in told

@@ -7,9 +7,10 @@ bits per byte before and after, and print a few samples. Everything lands under 
 With `chat=True` (`commonlm quickstart --chat`, `make chat-demo`) it goes on to a chat model, still with no
 download: conversations about the standard library built from its docstrings (data/instructions.py),
 rendered with the tokenizer's chat template, supervised fine-tuning of the pretrained model in the same
-loop (tune/sft.py) for a second time budget, then a few chat exchanges. It counts how many replies end
-with the end-of-turn token, before and after fine-tuning: the format is what a model this small can learn
-in minutes, and the count says whether it did. Everything lands under `runs/quickstart-chat/`.
+loop (tune/sft.py) for a second time budget, then a few chat exchanges. It counts how many replies to
+held-out questions end with the end-of-turn token, before and after fine-tuning: the format is what a model
+this small can learn in minutes (facts it mostly gets wrong), and the count says whether it did. Everything
+lands under `runs/quickstart-chat/`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ SAMPLING = {"max_tokens": 120, "temperature": 0.7, "top_k": 40}  # sample i is d
 CHAT_SAMPLES = [["What does `os.path.join` do?"], ["What is the `json` module for?"],
                 ["What does `math.sqrt` do?", "What arguments does it take?"]]
 CHAT_SAMPLING = {"max_tokens": 200, "temperature": 0.7, "top_k": 40}
-FORMAT_QUESTIONS = 24  # the instruction set's first questions: the end-of-turn share is counted on them
+FORMAT_QUESTIONS = 24  # held-out (validation) conversations whose first reply's ending is counted
 SFT_SETTINGS = ["train.lr=5e-4", "train.warmup_steps=20", "train.eval_every=200", "train.ckpt_every=0",
                 "train.log_every=20"]
 
@@ -117,8 +118,8 @@ def chat_phase(out: Path, base: LanguageModel, sft_seconds: float, sft_steps: in
     console.print(f"{len(records)} conversations of at most {max_chars} characters (≈ the {context}-token context) "
                   f"→ {out / 'instructions.jsonl'}")
     prepare_chat([str(out / "instructions.jsonl")], base.path, out / "chat-data", val_fraction=0.02)
-    questions = [r["messages"][: _first_reply(r["messages"])] for r in records[:FORMAT_QUESTIONS]]
-    before = format_share(base, questions)
+    prompts = held_out_prompts(out / "chat-data", FORMAT_QUESTIONS)
+    before = format_share(base, prompts)
 
     budget = [f"train.max_steps={sft_steps}"] if sft_steps else [f"train.max_time={sft_seconds}",
                                                                   "train.max_steps=1000000"]
@@ -138,32 +139,39 @@ def chat_phase(out: Path, base: LanguageModel, sft_seconds: float, sft_steps: in
             said.append({"role": "assistant", "content": reply})
             print(f"user: {question}\nassistant: {reply}", flush=True)  # print: a reply's "[x]" is no markup
         console.rule(style="dim")
-    after = format_share(model, questions)
+    after = format_share(model, prompts)
     for when, share in (("before fine-tuning", before), ("after fine-tuning", after)):
-        console.print(f"{when}: {share['end_of_turn']} of {share['replies']} replies to the first "
-                      f"{share['replies']} questions of the instruction set ended with the end-of-turn token "
-                      f"({share['length']} ran to the {CHAT_SAMPLING['max_tokens']}-token limit, {share['other']} "
-                      "ended the text or opened a new turn)", highlight=False)
+        console.print(f"{when}: {share['end_of_turn']} of {share['replies']} replies to the first questions of "
+                      f"held-out conversations ended with the end-of-turn token ({share['length']} ran to the "
+                      f"{CHAT_SAMPLING['max_tokens']}-token limit, {share['other']} ended the text or opened a new "
+                      "turn)", highlight=False)
     return {"final_dir": result.final_dir, "steps": result.step, "conversations": len(records), "before": before,
             "after": after, "exit_status": 0}
 
 
-def _first_reply(messages: list[dict[str, str]]) -> int:
-    return next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+def held_out_prompts(data: Path, count: int) -> list[list[int]]:
+    """The first `count` validation conversations of chat data, each cut before its first reply (so ending with
+    the template's assistant header): token ids of questions the fine-tuning never trained on."""
+    from commonlm.data.chat import ChatData
+
+    chats = ChatData(data)
+    prompts = []
+    for i in range(min(count, chats.conversations("val") if chats.has_split("val") else 0)):
+        ids, targets = chats.conversation("val", i)
+        prompts.append([int(t) for t in ids[: int(targets.argmax())]])  # the first target: the reply's first token
+    return prompts
 
 
-def format_share(model: LanguageModel, questions: list[list[dict[str, str]]]) -> dict:
-    """How the model's replies to `questions` end (with CHAT_SAMPLING, seed i for question i): the end-of-turn
+def format_share(model: LanguageModel, prompts: list[list[int]]) -> dict:
+    """How the model's replies to `prompts` end (with CHAT_SAMPLING, seed i for prompt i): the end-of-turn
     token, the token limit, or something else (end of text, the start of a new turn)."""
     from commonlm.data.tokenizer import IM_END
-    from commonlm.infer.chat import fit_conversation
     from commonlm.infer.generate import generate_ids
 
-    tok, counts = model.tokenizer, {"replies": len(questions), "end_of_turn": 0, "length": 0, "other": 0}
-    for i, messages in enumerate(questions):
-        fitted = fit_conversation(tok, messages, model.model.config.max_seq_len, CHAT_SAMPLING["max_tokens"])
-        params = {**CHAT_SAMPLING, "max_tokens": fitted.max_tokens}
-        ids = generate_ids(model.model, fitted.ids, seed=i, stop_ids=tok.stop_ids, **params)
+    tok, counts = model.tokenizer, {"replies": len(prompts), "end_of_turn": 0, "length": 0, "other": 0}
+    for i, prompt in enumerate(prompts):
+        room = min(CHAT_SAMPLING["max_tokens"], model.model.config.max_seq_len - len(prompt))
+        ids = generate_ids(model.model, prompt, seed=i, stop_ids=tok.stop_ids, **{**CHAT_SAMPLING, "max_tokens": room})
         ending = ids[-1] if ids else None
         key = "end_of_turn" if ending == tok.token_id(IM_END) else "other" if ending in tok.stop_ids else "length"
         counts[key] += 1
