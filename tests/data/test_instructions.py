@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 import sys
 
 import pytest
@@ -45,7 +46,7 @@ def test_the_same_for_a_seed_whatever_the_caller_imported_and_no_side_effects():
     read = json.loads(fresh.stdout)  # nothing but the JSON: what modules print on import is swallowed
     names = {e["name"] for e in read}
     assert "inspect.getfile" in names and "pdb.set_trace" not in names  # the library's own, not the patches
-    assert len(read) > 3000 and {"pdb", "inspect.getsource", "json.dumps", "len", "str.split"} <= names
+    assert len(read) > 3000 and {"json", "inspect.getsource", "json.dumps", "len", "str.split"} <= names
 
 
 def test_a_few_thousand_multi_turn_conversations(records):
@@ -71,8 +72,8 @@ def test_no_private_names_and_answers_from_real_docstrings(library):
         obj = _resolve(e.name, e.module)
         doc = inspect.getdoc(obj) if e.kind != "module" else obj.__doc__
         assert doc and len(obj.__doc__) <= MAX_DOC, e.name
-        words = " ".join(doc.split())
-        assert e.summary.split()[0].strip("`") in words, e.name  # the answer is the docstring's text
+        words = re.findall(r"[a-z]{4,}", e.summary.lower())  # the answer is the docstring's text (less its markup)
+        assert sum(w in doc.lower() for w in words) >= 0.9 * len(words), e.name
         assert (e.example is not None) <= (">>>" in doc), e.name
         if e.example is not None:  # an example is given only where the docstring has it, verbatim
             assert all(line.strip() in doc for line in e.example.splitlines()), e.name

@@ -54,7 +54,9 @@ MAX_EXAMPLE_LINES = 10
 COMMON_SUMMARY = 5  # a summary shared by more entries than this is boilerplate ("Initialize self.")
 SYSTEM = "You are a helpful assistant. You answer questions about the Python standard library."
 RST_ROLE = re.compile(r":\w+:`~?([^`]+)`")  # :mod:`json` in a docstring is `json` in a chat
-SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")  # an old-style C docstring's first paragraph
+SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*-+>.*)?$")  # an old-style C docstring's first line
+LEADING_NAME = re.compile(r"^[\w.]+(\(.*?\))?\s+--\s+(?=\w)")  # "D.count(value) -- return ...", "codecs -- ..."
+NOT_PROSE = re.compile(r"={3,}|-{3,}| \| ")  # reST headings and rules, grammar alternatives
 
 
 @dataclass(frozen=True)
@@ -215,8 +217,9 @@ def _prose(paragraph: str) -> str | None:
     lines = paragraph.splitlines()
     if any(line[:1].isspace() or line.lstrip().startswith((">>>", "- ", "* ", "|", "+-")) for line in lines):
         return None
-    text = RST_ROLE.sub(r"`\1`", " ".join(paragraph.split())).replace("``", "`")
-    if text.endswith(":"):  # it introduces what was left out
+    text = LEADING_NAME.sub("", RST_ROLE.sub(r"`\1`", " ".join(paragraph.split())).replace("``", "`"))
+    text = text[:1].upper() + text[1:]
+    if text.endswith(":") or NOT_PROSE.search(text):  # it introduces what was left out, or is no prose
         return None
     return text if SUMMARY_CHARS[0] <= len(text) <= SUMMARY_CHARS[1] else None
 
