@@ -71,7 +71,7 @@ class Entry:
     call: str | None = None  # how to call it: "json.dumps(obj, *, skipkeys=False, ...)"
     params: tuple[str, ...] = ()  # one description per parameter
     example: str | None = None  # the docstring's first >>> example
-    members: tuple[tuple[str, str], ...] = ()  # (name, one sentence) of a module's or class's public members
+    members: tuple[tuple[str, str], ...] = ()  # a module's: (name, one sentence) of some public members
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,8 +387,7 @@ def _answer(kind: str, e: Entry) -> str:
     if kind == "more":
         return e.more
     if kind == "members":
-        what = "module" if e.kind == "module" else "class"
-        return f"Some of what the `{e.name}` {what} provides:\n" + "\n".join(f"- `{m}`: {s}" for m, s in e.members)
+        return f"Some of what the `{e.name}` module provides:\n" + "\n".join(f"- `{m}`: {s}" for m, s in e.members)
     short = e.name.rsplit(".", 1)[-1]
     if e.module == "builtins":
         return f"`{e.name}` is a built-in: it is always available, with no import."
