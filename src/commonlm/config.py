@@ -136,8 +136,8 @@ class TrainConfig:
     # -- dpo (tune/dpo.py)
     dpo_beta: float = 0.1  # dpo: how far the policy may move from the reference (larger: less far)
     dpo_loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # sigmoid DPO, IPO, or reference-free SimPO
-    simpo_gamma: float = 0.5  # simpo: the target reward margin
-    reference: str = ""  # dpo, grpo with a KL term: the frozen reference model's directory (`tune` sets it)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin (TRL CPOConfig's default)
+    reference: str = ""  # dpo (not simpo), grpo with a KL term: the frozen reference model's directory (`tune` sets it)
     # -- lora (tune/lora.py): adapters on a frozen base; 0: full fine-tuning
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -166,9 +166,35 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
         _check(self.eps > 0, "train.eps", self.eps, "must be positive")
+        if self.objective == "grpo":
+            self._validate_grpo()
         _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "must be positive")
-        _check(self.objective != "dpo" or bool(self.reference), "train.reference", self.reference,
-               "must name the reference model directory for objective dpo")
+        _check(self.objective != "dpo" or self.dpo_loss == "simpo" or bool(self.reference), "train.reference",
+               self.reference, f"must name the reference model directory for objective dpo ({self.dpo_loss} loss)")
+        _check(self.simpo_gamma >= 0, "train.simpo_gamma", self.simpo_gamma, "must be >= 0")
+        _check(self.lora_rank >= 0, "train.lora_rank", self.lora_rank, "must be >= 0 (0: full fine-tuning)")
+        _check(self.lora_alpha > 0, "train.lora_alpha", self.lora_alpha, "must be positive")
+        _check(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        _check(not self.lora_rank or any(t.strip() for t in self.lora_targets.split(",")), "train.lora_targets",
+               self.lora_targets, "must name at least one module (comma-separated, e.g. q_proj,v_proj)")
+        _check(not self.base_quant or self.lora_rank > 0, "train.base_quant", self.base_quant,
+               "quantizes the frozen base of a LoRA run: set train.lora_rank (--lora-rank) too")
+
+    def _validate_grpo(self) -> None:
+        _check(bool(self.reward), "train.reward", self.reward, "must name a reward for objective grpo: gsm8k, "
+               "exact or FILE.py:FUNCTION (tune grpo --reward)")
+        _check(self.grpo_group_size >= 2, "train.grpo_group_size", self.grpo_group_size,
+               "must be at least 2 (advantages compare the completions of a prompt)")
+        _check(self.grpo_max_new_tokens >= 1, "train.grpo_max_new_tokens", self.grpo_max_new_tokens,
+               "must be at least 1")
+        _check(self.grpo_temperature > 0, "train.grpo_temperature", self.grpo_temperature, "must be positive")
+        _check(self.grpo_clip > 0, "train.grpo_clip", self.grpo_clip, "must be positive")
+        _check(self.grpo_kl_beta >= 0, "train.grpo_kl_beta", self.grpo_kl_beta, "must be >= 0 (0: no KL term)")
+        _check(self.grpo_kl_beta == 0 or bool(self.reference), "train.reference", self.reference,
+               "must name the reference model directory when train.grpo_kl_beta > 0")
+        for name in ("patience", "target_val_loss"):
+            _check(not getattr(self, name), f"train.{name}", getattr(self, name), "must be 0 for objective grpo: "
+                   "its evaluation measures reward (val_reward), not a loss to stop on")
 
 
 @dataclass
