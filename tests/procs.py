@@ -66,3 +66,19 @@ def wait_for(ready: Callable[[], object], what: str, alive: Callable[[], bool] =
 
 def running(proc: subprocess.Popen) -> Callable[[], bool]:
     return lambda: proc.poll() is None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run `script` in `nproc` CPU processes under torchrun (gloo over loopback, one thread each)."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)]
+    return run_captured(cmd, env=env)  # torchrun's workers die with it if anything goes wrong

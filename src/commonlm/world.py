@@ -4,6 +4,7 @@ scale-out glue all use it, and it imports none of them."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -37,13 +38,22 @@ def init_world(device_type: str) -> World:
         if device_type == "cuda":
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend=backend)
+        # Destroyed at exit, not after each run: a second group made in the same process (a script that trains
+        # twice, say SFT then DPO) met the first one's keys in torchrun's store and hung at its first collective
+        atexit.register(_destroy)
     return world
 
 
-def close_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
-        dist.barrier()  # without it a rank sometimes aborts at shutdown while another still talks
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def close_world(world: World) -> None:
+    """The end of a run: wait for every rank (without it a rank sometimes aborted at shutdown while another
+    still talked). The process group itself lives until the process exits, for the next run to use."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:

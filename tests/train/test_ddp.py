@@ -1,8 +1,5 @@
 """Two CPU processes under torchrun (gloo on 127.0.0.1) train like one process with twice the batch."""
 
-import os
-import socket
-import sys
 import textwrap
 
 import pytest
@@ -11,16 +8,11 @@ from safetensors.torch import load_file
 
 from commonlm.train.metrics import read_metrics
 from commonlm.train.trainer import train
-from tests.procs import run_captured
+from tests.procs import free_port as _free_port  # noqa: F401 (to be dropped: other tests still import it)
+from tests.procs import torchrun
 from tests.train.test_trainer import SMALL, small_config, train_losses
 
 STEPS = ["train.max_steps=6", "train.ckpt_every=3", "train.lr=3e-3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -37,10 +29,7 @@ def test_two_process_ddp_keeps_ranks_identical_and_matches_single_process(byte_d
         state = {{k: v.contiguous() for k, v in result.model.state_dict().items() if k != "lm_head.weight"}}
         save_file(state, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.safetensors")
     """))
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
-    proc = run_captured(cmd, env=env)  # torchrun's workers die with it if anything goes wrong
+    proc = torchrun(script)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
