@@ -187,6 +187,19 @@ def test_generate_with_adapter_flag(lora_run, base_and_data, capsys):
     assert outputs[0] != outputs[2]  # and not the base
 
 
+def test_bf16_run_keeps_the_frozen_base_as_autocast_would_make_it(base_and_data, tmp_path):
+    """Under bf16 autocast the frozen linears are stored in bf16: the numbers autocast makes of fp32 ones at every
+    call, so the first step's loss (the adapters start as a no-op) is that of full fine-tuning, bit for bit."""
+    base, chat = base_and_data
+    bf16 = [s for s in SMALL if "dtype" not in s] + ["train.dtype=bf16", "train.max_steps=1"]
+    lora = train(sft_config(str(base), str(chat), bf16 + LORA[:2]), tmp_path / "lora", init=base)
+    train(sft_config(str(base), str(chat), bf16), tmp_path / "full", init=base)
+    assert _losses(tmp_path / "lora") == _losses(tmp_path / "full")
+    adapted = lora_modules(lora.model)["blocks.0.attn.qkv"]
+    assert adapted.base.weight.dtype == torch.bfloat16 and adapted.lora_A["q_proj"].dtype == torch.float32
+    assert lora.model.embed.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("mode,kind", [("int8", Int8Linear), ("int4", Int4DequantLinear)])
 def test_qlora_trains_on_an_unchanged_quantized_base(base_and_data, tmp_path, mode, kind):
     base, chat = base_and_data
@@ -270,3 +283,45 @@ def test_tune_dpo_with_qlora_through_the_cli(tmp_path):
     config = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base.resolve())
     assert not (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_matches_one_process_and_resumes_exactly(base_and_data, tmp_path):
+    import os
+    import sys
+    import textwrap
+
+    from tests.procs import run_captured
+    from tests.train.test_ddp import _free_port
+
+    base, chat = base_and_data
+    overrides = SMALL + LORA[:2] + ["train.max_steps=4", "train.ckpt_every=2", "train.micro_batch_size=2"]
+    script = tmp_path / "ddp_lora.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from commonlm.train.trainer import resume_config, train
+        from commonlm.tune.sft import sft_config
+        out, stop = sys.argv[1], int(sys.argv[2])
+        if stop < 0:
+            train(resume_config(out), out, resume=True)
+        else:
+            train(sft_config({str(base)!r}, {str(chat)!r}, {overrides!r}), out, init={str(base)!r},
+                  stop_at_step=stop or None)
+    """))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # an uninterrupted run, a run stopped after step 2, its resumption: each its own torchrun
+    for out, stop in [("ddp", 0), ("split", 2), ("split", -1)]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path / out), str(stop)]
+        proc = run_captured(cmd, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # one process, twice the micro-batch: the same conversations per step, the same adapters after
+    single = train(sft_config(str(base), str(chat), overrides + ["train.micro_batch_size=4"]), tmp_path / "single",
+                   init=base)
+    ddp, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
+    assert len(ddp) == 4 and max(abs(a - b) for a, b in zip(ddp, one)) < 1e-4, (ddp, one)
+    assert _losses(tmp_path / "split") == ddp
+    trained = load_model_dir(tmp_path / "ddp" / "final")[0].state_dict()
+    for name, tensor in load_model_dir(single.final_dir)[0].state_dict().items():
+        assert torch.allclose(trained[name], tensor, atol=1e-5), name

@@ -35,6 +35,7 @@ from commonlm.errors import UserError, already_exists
 from commonlm.infer.quant import Int4DequantLinear, Int8Linear, replace_modules
 from commonlm.interop import hf
 from commonlm.model.decoder import Decoder
+from commonlm.runtime import pick_dtype
 from commonlm.utils import atomic_dir, atomic_write_json, human
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,7 +82,8 @@ class LoRALinear(nn.Module):
         # ParameterDict keys cannot hold dots: key by the short target name (unique within one linear)
         self.keys = {name: name.rpartition(".")[2] for name in self.parts}
         device = next(iter(base.state_dict().values())).device
-        like = {"device": device, "dtype": base.weight.dtype if isinstance(base, nn.Linear) else torch.float32}
+        floating = isinstance(base, nn.Linear) and base.weight.dtype in (torch.float32, torch.float64)
+        like = {"device": device, "dtype": base.weight.dtype if floating else torch.float32}  # fp32 master weights
         self.lora_A = nn.ParameterDict({k: nn.Parameter(torch.empty(r, self.in_features, **like))
                                         for k in self.keys.values()})
         self.lora_B = nn.ParameterDict({self.keys[n]: nn.Parameter(torch.zeros(b - a, r, **like))
@@ -90,7 +92,10 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's (and nn.Linear's) initialisation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x) if isinstance(self.base, nn.Linear) else _ThroughFrozen.apply(x, self.base)
+        if isinstance(self.base, nn.Linear):  # (stored in the autocast dtype by lora_model: x goes to it too)
+            y = self.base(x.to(self.base.weight.dtype))
+        else:
+            y = _ThroughFrozen.apply(x, self.base)
         h = self.dropout(x)
         pieces, at = [], 0  # the deltas side by side, zeros on rows no target covers: one add
         for name, (start, stop) in self.parts.items():
@@ -409,6 +414,11 @@ def lora_model(config: RunConfig, tokenizer: Tokenizer, device: torch.device, in
     torch.manual_seed(cfg.seed)  # the same adapters on every rank and in every run of this config
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets=targets)
+    dtype = pick_dtype(cfg.dtype, device)
+    if dtype != torch.float32:  # the frozen base linears as autocast casts them at every call: half the memory
+        for module in lora_modules(model).values():
+            if isinstance(module.base, nn.Linear):
+                module.base.to(dtype)
     if adapter is not None:
         load_adapter(model, adapter)
     return model
