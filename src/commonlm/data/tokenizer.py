@@ -241,14 +241,7 @@ class Tokenizer:
         what transformers' `apply_chat_template` gives; to tokenize a conversation use `encode_chat`."""
         if not self.chat_template:
             raise UserError("tokenizer: this tokenizer has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise UserError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
+        return _compiled_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token,
         )
@@ -301,6 +294,20 @@ class Tokenizer:
             ids.append(self.tk.token_to_id(special))
             ids.extend(piece)
         return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(source: str):
+    """A chat template compiled once (1 ms a time; rendering a compiled one takes 10 us: preparing chat data
+    renders every conversation several times)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise UserError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
 
 
 def _chat_template(config: dict, directory: Path) -> str | None:
