@@ -1,7 +1,7 @@
 """Memory and speed of LoRA and QLoRA against full fine-tuning, through the real loop (`commonlm tune sft`).
 
-    .venv/bin/python bench/lora_memory.py                      # qwen3-100m, 4 steps of 2 x 256 tokens each
-    .venv/bin/python bench/lora_memory.py --preset llama-125m --steps 6 --rank 16
+    .venv/bin/python bench/lora_memory.py                      # qwen3-100m, 6 steps of 2 x 256 tokens each
+    .venv/bin/python bench/lora_memory.py --preset llama-125m --steps 10 --rank 8
 
 A random base model of the preset (vocabulary 32768, so that the embeddings are as large as the preset's; the
 byte tokenizer uses 320 of its ids) and synthetic conversations longer than the context are made once; then
@@ -92,7 +92,7 @@ def rss_of(pid: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen3-100m")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2, help="conversations per micro-batch")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
