@@ -325,3 +325,25 @@ def test_lora_under_ddp_matches_one_process_and_resumes_exactly(base_and_data, t
     trained = load_model_dir(tmp_path / "ddp" / "final")[0].state_dict()
     for name, tensor in load_model_dir(single.final_dir)[0].state_dict().items():
         assert torch.allclose(trained[name], tensor, atol=1e-5), name
+
+
+def test_grpo_with_lora_samples_from_the_adapted_model_and_resumes_exactly(base_and_data, tmp_path):
+    from commonlm.data.arithmetic import problems, prompt_records, write_jsonl
+    from commonlm.data.prompts import prepare_prompts
+    from commonlm.tune.grpo import grpo_config
+
+    base, _ = base_and_data
+    path = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(problems(40, seed=2, digits=1)))
+    prepare_prompts([str(path)], base, tmp_path / "prompts", val_fraction=0.0)
+    reward = tmp_path / "reward.py"  # a reward with spread even for a random model: the share of digits
+    reward.write_text("def digits(completion, answer, prompt):\n"
+                      "    return sum(c.isdigit() for c in completion) / max(len(completion), 1)\n")
+    overrides = ["train.dtype=fp32", "train.threads=1", "train.log_every=1", "train.eval_every=0",
+                 f"train.reward={reward}:digits", "train.grpo_max_new_tokens=4", "train.grpo_group_size=4",
+                 "train.micro_batch_size=8", "train.lr=1e-2", "train.max_steps=4", "train.ckpt_every=2", *LORA]
+    full = train(grpo_config(str(base), str(tmp_path / "prompts"), overrides), tmp_path / "full", init=base)
+    assert (full.final_dir / "adapter_config.json").is_file()
+    assert any(b.abs().sum() > 0 for m in lora_modules(full.model).values() for b in m.lora_B.values())
+    train(grpo_config(str(base), str(tmp_path / "prompts"), overrides), tmp_path / "split", init=base, stop_at_step=2)
+    train(resume_config(tmp_path / "split"), tmp_path / "split", resume=True)
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
