@@ -45,7 +45,10 @@ def lora_run(base_and_data, tmp_path_factory):
     base, chat = base_and_data
     # measuring the matmul peak draws from torch's global generator (train/metrics.py), after the adapters and
     # before the first dropout mask: measured once here, every run of this module starts from the same draws
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as train.threads=1 runs (the peak is remembered per thread count)
     peak_flops(torch.device("cpu"), torch.float32)
+    torch.set_num_threads(threads)
     out = tmp_path_factory.mktemp("run") / "run"
     config = sft_config(str(base), str(chat), SMALL + LORA + ["train.max_steps=12", "train.ckpt_every=4"])
     return train(config, out, init=base)
