@@ -1,5 +1,6 @@
-"""DPO through the one loop: the loss is the reference formula, a reply's log-prob counts only its tokens,
-a tiny model learns a preference, resume is exact, and bad pairs are refused."""
+"""DPO through the one loop: the loss is the reference formula, and sigmoid, IPO and SimPO losses and rewards
+equal TRL's own code on the same log-probabilities; a reply's log-prob counts only its tokens; a tiny model
+learns a preference with each variant (SimPO without a reference), resume is exact, and bad input is refused."""
 
 import json
 import math
