@@ -76,6 +76,18 @@ class LanguageModel:
         return evaluate(self.model, tokens, self.model.config.max_seq_len, batch_size, max_tokens,
                         split=split, device=device)
 
+    def evaluate_tasks(self, tasks, few_shot: int | None = None, limit: int | None = None, batch_size: int = 16,
+                       data_root: str | Path | None = None) -> list:
+        """Downstream tasks (evaluate/tasks.py): `Task`s, task files, BIG-bench task.json, or mmlu, gsm8k,
+        bigbench:NAME; a list of evaluate.scoring.TaskResult."""
+        from commonlm.evaluate.scoring import score_tasks
+        from commonlm.evaluate.tasks import load_tasks
+
+        tasks = [tasks] if isinstance(tasks, (str, Path)) else tasks
+        loaded = [t for spec in tasks for t in (load_tasks(str(spec), data_root) if isinstance(spec, (str, Path))
+                                                else [spec])]
+        return score_tasks(self.model, self.tokenizer, loaded, few_shot, limit, batch_size)
+
     def __repr__(self) -> str:
         c = self.model.config
         return f"LanguageModel({self.path}, {c.family}, {self.model.num_params():,} params)"

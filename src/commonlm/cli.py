@@ -118,6 +118,27 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from commonlm.api import load
 
+    if bool(args.data) == bool(args.task):
+        raise UserError("eval: give --data DIR (loss, perplexity and bits per byte on a prepared split) or --task "
+                        "PATH_OR_NAME ... (downstream tasks), one of the two")
+    if args.task:
+        from commonlm.evaluate.scoring import table
+        from commonlm.evaluate.tasks import load_tasks
+        from commonlm.utils import atomic_write_json
+
+        if args.few_shot is not None and args.few_shot < 0 or args.limit is not None and args.limit < 1:
+            raise UserError(f"eval: --few-shot must be >= 0 and --limit >= 1 (got {args.few_shot}, {args.limit})")
+        tasks = [task for spec in args.task for task in load_tasks(spec, args.data_root)]  # bad input before loading
+        m, _ = _inference_model(args)
+        results = m.evaluate_tasks(tasks, few_shot=args.few_shot, limit=args.limit, batch_size=args.batch_size)
+        print(f"{m.path}" + (f" ({args.quantize})" if args.quantize else "") + "\n" + table(results))
+        if any(r.truncated for r in results):
+            print(f"note: {sum(r.truncated for r in results)} prompts were longer than the model's context "
+                  f"({m.model.config.max_seq_len} tokens) and lost their beginning, as lm-evaluation-harness "
+                  "does; fewer --few-shot keeps them whole", file=sys.stderr)
+        if args.json:
+            atomic_write_json(Path(args.json), [r.as_dict() for r in results])
+        return
     m = load(args.model, device=args.device)
     result = m.evaluate(args.data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(f"{m.path}  {args.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.3f} · "
@@ -429,9 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     mg.set_defaults(func=cmd_merge)
 
-    ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte")
+    ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte, or downstream tasks")
     ev.add_argument("model", help="run directory, model directory or checkpoint")
-    ev.add_argument("--data", required=True, help="prepared data directory")
+    ev.add_argument("--data", help="prepared data directory (loss, perplexity, bits per byte)")
+    ev.add_argument("--task", nargs="+", metavar="PATH_OR_NAME", help="downstream tasks: task files (.yaml), "
+                    "BIG-bench task.json or its directory, or mmlu, gsm8k, bigbench:NAME (under --data-root)")
+    ev.add_argument("--few-shot", type=int, help="examples before each item (default: each task's own)")
+    ev.add_argument("--limit", type=int, help="evaluate this many items of each task, spread over it")
+    ev.add_argument("--data-root", help="where named tasks live (default: $COMMONLM_DATA_ROOT, else ../shared/data)")
+    ev.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="with --task: weights in memory")
+    ev.add_argument("--quantize", choices=["int8", "int4"], help="with --task: weight-only quantization")
+    ev.add_argument("--adapter", metavar="DIR", help="with --task: a LoRA adapter directory to apply")
+    ev.add_argument("--json", metavar="FILE", help="with --task: also write the results to this JSON file")
     ev.add_argument("--split", default="val", help="val or train")
     ev.add_argument("--max-tokens", type=int, default=0, help="evaluate only this many tokens (0: all)")
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
