@@ -3,6 +3,9 @@ TRL's "dapo" loss and means over completions for the reward metrics, rollouts ar
 a raising reward does not stop the run, and GRPO raises the reward of a model SFT left weak on arithmetic."""
 
 import math
+import os
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ from commonlm.tune.grpo import GRPO, clipped_loss, group_advantages, grpo_config
 from commonlm.tune.rewards import gsm8k
 from commonlm.tune.sft import sft_config
 from commonlm.world import World
+from tests.procs import run_captured
+from tests.train.test_ddp import _free_port
 from tests.tune.conftest import base_and_data
 
 from .test_sft import SMALL
@@ -189,3 +194,43 @@ def test_chat_data_is_refused(weak_model, tmp_path):
     with pytest.raises(UserError, match="is not prompts data"):
         train(grpo_config(str(model_dir), str(tmp_path / "chat"), ["train.reward=exact"]), tmp_path / "r",
               init=model_dir)
+
+
+@pytest.mark.slow
+def test_ddp_matches_one_process_and_resumes_exactly(weak_model, tmp_path):
+    """Two ranks, each rolling out its own prompts: like one process with twice the prompts (completions are
+    seeded by their place in the step, not by rank), the ranks' weights identical, resume exact."""
+    model_dir, prompts = weak_model
+    steps = GRPO_SMALL + ["train.max_steps=4", "train.ckpt_every=2", "train.micro_batch_size=2",
+                          "train.eval_every=2"]
+    script = tmp_path / "ddp_grpo.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        from safetensors.torch import save_file
+        from commonlm.train.trainer import resume_config, train
+        from commonlm.tune.grpo import grpo_config
+        make = lambda: grpo_config({str(model_dir)!r}, {str(prompts)!r}, {steps!r})
+        result = train(make(), {str(tmp_path / "ddp")!r}, init={str(model_dir)!r})
+        state = {{k: v.contiguous() for k, v in result.model.state_dict().items() if k != "lm_head.weight"}}
+        save_file(state, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.safetensors")
+        train(make(), {str(tmp_path / "split")!r}, init={str(model_dir)!r}, stop_at_step=2)
+        train(resume_config({str(tmp_path / "split")!r}), {str(tmp_path / "split")!r}, resume=True)
+    """))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    proc = run_captured(cmd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    from safetensors.torch import load_file
+
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    train(grpo_config(str(model_dir), str(prompts), steps + ["train.micro_batch_size=4"]), tmp_path / "single",
+          init=model_dir)
+    keys = ("loss", "reward", "reward_std", "completion_length", "val_reward")
+    ddp, one, split = ([{k: r[k] for k in keys if k in r} for r in read_metrics(tmp_path / d)
+                        if "loss" in r or "val_reward" in r] for d in ("ddp", "single", "split"))
+    assert split == ddp and len(ddp) == len(one) == 7  # resumed under DDP: value for value
+    for a, b in zip(ddp, one):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)

@@ -182,10 +182,16 @@ class Engine:
         self._admit()
         self._drop_cancelled()
         budget = self.prefill_chunk
+        done: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]] = {}  # prompts whose prefill ended this step
         for seq in [s for s in self.running if s.prefilled < len(s.request.prompt_ids)]:
-            if budget <= 0:
-                break
-            budget -= self._prefill(seq, budget)
+            prompt = tuple(seq.request.prompt_ids)
+            if seq.prefilled == 0 and prompt in done:  # the same prompt (n samples of it): copy, compute nothing
+                self._share_prompt(*done[prompt], seq)
+            elif budget > 0:
+                used, last = self._prefill(seq, budget)
+                budget -= used
+                if last is not None:
+                    done[prompt] = (seq, last)
         decoding = [s for s in self.running if s.prefilled == len(s.request.prompt_ids) and s.finish_reason is None
                     and s.generated]
         if decoding:
@@ -219,15 +225,30 @@ class Engine:
                 seq.finish_reason = "cancelled"
         self._retire()
 
-    def _prefill(self, seq: Sequence, budget: int) -> int:
+    def _prefill(self, seq: Sequence, budget: int) -> tuple[int, torch.Tensor | None]:
+        """Prefill the next chunk of `seq`'s prompt: (tokens computed, the last position's logits once the
+        prompt is done, else None)."""
         prompt = seq.request.prompt_ids
         chunk = prompt[seq.prefilled : seq.prefilled + budget]
         self.cache.select([seq.slot])
         logits, _ = self.model(torch.tensor([chunk], device=self.device), cache=self.cache, last_only=True)
         seq.prefilled += len(chunk)
-        if seq.prefilled == len(prompt):
-            self._emit([seq], logits[:, -1, :])
-        return len(chunk)
+        if seq.prefilled < len(prompt):
+            return len(chunk), None
+        self._emit([seq], logits[:, -1, :])
+        return len(chunk), logits[:, -1, :]
+
+    def _share_prompt(self, source: Sequence, last: torch.Tensor, seq: Sequence) -> None:
+        """Give `seq` the cache of `source`'s identical prompt, prefilled this step (no token of its own is in
+        the cache yet), and its first token from the same logits: what its own prefill would have computed,
+        without the compute (GRPO samples a group of completions of each prompt, tune/grpo.py)."""
+        n = len(seq.request.prompt_ids)
+        cache = self.cache
+        cache.k[:, seq.slot, :n] = cache.k[:, source.slot, :n]
+        cache.v[:, seq.slot, :n] = cache.v[:, source.slot, :n]
+        cache.lengths[seq.slot] = n
+        seq.prefilled = n
+        self._emit([seq], last)
 
     def _decode(self, batch: list[Sequence]) -> None:
         self.cache.select([s.slot for s in batch])
