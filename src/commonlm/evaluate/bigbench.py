@@ -95,13 +95,15 @@ def _item(example, where: str, style: dict, kind: str, rng: random.Random) -> It
             rng.shuffle(shown)
             text += style["choice_prefix"] + style["choice_prefix"].join(shown)
     context = style["example_input_prefix"] + text + style["example_output_prefix"]
+    prefix = style["task_prefix"]
     if kind == "choice":
         choices = list(scores)
         best = max(choices, key=lambda c: scores[c])  # the first of the best, as BIG-bench picks it
         return Item(where, context, choices=choices, credit=[float(scores[c]) for c in choices],
-                    lengths=[len(c) for c in choices], shot=context + _targets(example, where, best)[0])
+                    lengths=[len(c) for c in choices], shot=context + _targets(example, where, best)[0],
+                    description=prefix)
     targets = _targets(example, where, None)
-    return Item(where, context, targets=targets, shot=context + targets[0])
+    return Item(where, context, targets=targets, shot=context + targets[0], description=prefix)
 
 
 def _targets(example: dict, where: str, fallback: str | None) -> list[str]:
