@@ -135,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if any(r.truncated for r in results):
             print(f"note: {sum(r.truncated for r in results)} prompts were longer than the model's context "
                   f"({m.model.config.max_seq_len} tokens) and lost their beginning, as lm-evaluation-harness "
-                  "does; fewer --few-shot keeps them whole", file=sys.stderr)
+                  "does" + ("; fewer --few-shot keeps more of them whole" if args.few_shot else ""), file=sys.stderr)
         if args.json:
             atomic_write_json(Path(args.json), [r.as_dict() for r in results])
         return

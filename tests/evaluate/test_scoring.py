@@ -79,6 +79,8 @@ def test_batched_right_padded_scores_equal_one_row_at_a_time():
         n_context, n_cont = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
         pairs.append((torch.randint(0, 300, (n_context,), generator=g).tolist(),
                       torch.randint(0, 300, (n_cont,), generator=g).tolist()))
+    context = pairs[0][0]
+    pairs += [(context, [t]) for t in (5, 6, 7)] + [(context[:-1], [context[-1], 8])]  # rows that share an input
     batched = loglikelihoods(model, pairs, batch_size=4)
     for (context, continuation), (ll, greedy) in zip(pairs, batched):
         ids = (context + continuation)[-33:]  # too long: the beginning goes

@@ -71,33 +71,38 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 def loglikelihoods(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]],
                    batch_size: int = 16) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of the continuation, whether greedy decoding gives it) for each (context ids,
-    continuation ids), in order."""
+    continuation ids), in order. Rows with the same input (one-token choices of one question: MMLU's letters)
+    share one row of the forward pass."""
     max_len = model.config.max_seq_len
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
-    rows = []
-    for context, continuation in pairs:
+    rows: dict[tuple[int, ...], list[int]] = {}  # input ids -> the pairs that read that row's logits
+    targets = []
+    for i, (context, continuation) in enumerate(pairs):
         ids = (context + continuation)[-(max_len + 1):]
-        rows.append((ids[:-1], ids[1:], len(continuation)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        rows.setdefault(tuple(ids[:-1]), []).append(i)
+        targets.append(ids[-len(continuation):])
+    order = sorted(rows, key=len, reverse=True)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     start = 0
     while start < len(order):
-        longest = len(rows[order[start]][0])
+        longest = len(order[start])
         fits = max(1, min(batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
         batch = order[start : start + fits]
         start += len(batch)
         x = torch.zeros(len(batch), longest, dtype=torch.long)
-        for r, i in enumerate(batch):
-            x[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
+        for r, inputs in enumerate(batch):
+            x[r, : len(inputs)] = torch.tensor(inputs)
         logits, _ = model(x.to(device))
-        for r, i in enumerate(batch):
-            inputs, targets, n = rows[i]
+        for r, inputs in enumerate(batch):
             end = len(inputs)
-            logp = logits[r, end - n : end].float().log_softmax(-1)
-            want = torch.tensor(targets[-n:], device=logp.device)
-            total = logp.gather(-1, want[:, None]).sum().item()
-            results[i] = (total, bool((logp.argmax(-1) == want).all()))
+            n_most = max(len(targets[i]) for i in rows[inputs])
+            logp = logits[r, end - n_most : end].float().log_softmax(-1)
+            for i in rows[inputs]:
+                want = torch.tensor(targets[i], device=logp.device)
+                mine = logp[n_most - len(want):]
+                total = mine.gather(-1, want[:, None]).sum().item()
+                results[i] = (total, bool((mine.argmax(-1) == want).all()))
     return results
 
 
