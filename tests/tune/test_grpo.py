@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from commonlm.data.arithmetic import problems, prompt_records, sft_records, write_jsonl
-from commonlm.data.prompts import prepare_prompts
+from commonlm.data.prompts import PromptData, prepare_prompts
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.model.loss import IGNORE
@@ -129,6 +129,33 @@ def test_rollouts_are_seeded_by_position(weak_model):
     c = objective(model_dir, prompts)
     c.load_state_dict(state)
     assert torch.equal(c.next_batch().x, second.x)
+
+
+def test_rollouts_and_loss_under_bf16_autocast(weak_model):
+    """train.dtype=auto is bf16 on a CPU or GPU that has it: the engine's cache holds autocast's dtype."""
+    model_dir, prompts = weak_model
+    model, _, _ = load_model_dir(model_dir)
+    config = grpo_config(str(model_dir), str(prompts), GRPO_SMALL + ["train.micro_batch_size=2"])
+    grpo = GRPO(config, World(), torch.device("cpu"), torch.bfloat16, model=model.train())
+    batch = grpo.next_batch()
+    loss, metrics = grpo.loss(model, batch)
+    assert loss.isfinite() and metrics["completion_length"].item() / grpo.targets(batch).item() >= 1
+    assert 0 <= grpo.evaluate(model)["val_reward"] <= 1
+
+
+def test_a_group_prefills_its_prompt_once_and_samples_what_each_alone_would(weak_model):
+    from commonlm.infer.engine import Engine, Request
+
+    model_dir, prompts = weak_model
+    model, tok, _ = load_model_dir(model_dir)
+    ids = PromptData(prompts).prompts("train")[0].ids
+    requests = [Request(prompt_ids=ids, max_tokens=6, temperature=1.0, seed=k, stop_ids=tok.stop_ids)
+                for k in range(8)]
+    engine = Engine(model, max_batch=8, prefill_chunk=1000)
+    together = [s.generated for s in engine.run_all(requests)]
+    assert engine.stats.steps <= 6  # one batched decode per token, after a single prefill step
+    alone = [Engine(model, max_batch=1).run_all([r])[0].generated for r in requests]
+    assert together == alone and len({tuple(g) for g in together}) > 1
 
 
 def test_grpo_raises_the_sampled_reward(weak_model, tmp_path):

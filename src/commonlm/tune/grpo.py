@@ -156,7 +156,9 @@ class GRPO(ChatSFT):
         model = self.model
         was_training = model.training
         prompt_tokens = sum(len(p.ids) for p in prompts) * group
-        engine = Engine(model, max_batch=len(prompts) * group, max_len=self.context, prefill_chunk=prompt_tokens)
+        # under autocast the keys and values come out in its dtype: the cache holds that dtype
+        engine = Engine(model, max_batch=len(prompts) * group, max_len=self.context, prefill_chunk=prompt_tokens,
+                        dtype=self.dtype)
         ids = [p.ids for p in prompts for _ in range(group)]
         requests = [Request(prompt_ids=row, max_tokens=self.max_new, temperature=temperature,
                             seed=seeds[r] if seeds else None, stop_ids=self.tokenizer.stop_ids)
