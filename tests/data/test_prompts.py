@@ -40,6 +40,14 @@ def test_prompts_are_rendered_with_the_generation_prompt(tok_dir, tmp_path):
     assert not data.has_split("val")
 
 
+
+def test_text_with_unicode_line_separators_reads_back(tok_dir, tmp_path):
+    """U+2028 and friends are stored as they are (not escaped): a reader that split on them saw broken lines."""
+    records = [{"prompt": "one\u2028two\x85three", "answer": "4\u2029"}, {"prompt": "plain", "answer": "1"}]
+    prepare_prompts([str(write_jsonl(tmp_path / "p.jsonl", records))], tok_dir, tmp_path / "out", val_fraction=0)
+    read = PromptData(tmp_path / "out").prompts("train")
+    assert [(p.prompt, p.answer) for p in read] == [("one\u2028two\x85three", "4\u2029"), ("plain", "1")]
+
 def test_validation_split_and_the_cli(tok_dir, tmp_path, capsys):
     from commonlm.cli import main
 

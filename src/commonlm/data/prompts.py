@@ -122,7 +122,7 @@ class PromptData:
         for split in self.index.get("splits", {}):
             file = self.path / f"{split}_prompts.jsonl"
             try:
-                lines = file.read_text(encoding="utf-8").splitlines()
+                lines = file.read_text(encoding="utf-8").split("\n")  # (not splitlines: text may hold U+2028)
                 self.splits[split] = [Prompt(**json.loads(line)) for line in lines if line.strip()]
             except (OSError, ValueError, TypeError) as e:
                 raise UserError(f"data: {file} is missing or damaged ({e}); {how} again") from e
