@@ -129,6 +129,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.few_shot is not None and args.few_shot < 0 or args.limit is not None and args.limit < 1:
             raise UserError(f"eval: --few-shot must be >= 0 and --limit >= 1 (got {args.few_shot}, {args.limit})")
         tasks = [task for spec in args.task for task in load_tasks(spec, args.data_root)]  # bad input before loading
+        for task in tasks:
+            if task.metric == "code":
+                from commonlm.evaluate.code import check_timeout
+
+                task.code_timeout = check_timeout(args.code_timeout)
         m, _ = _inference_model(args)
         results = m.evaluate_tasks(tasks, few_shot=args.few_shot, limit=args.limit, batch_size=args.batch_size)
         print(f"{m.path}" + (f" ({args.quantize})" if args.quantize else "") + "\n" + table(results))
@@ -462,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quantize", choices=["int8", "int4"], help="with --task: weight-only quantization")
     ev.add_argument("--adapter", metavar="DIR", help="with --task: a LoRA adapter directory to apply")
     ev.add_argument("--json", metavar="FILE", help="with --task: also write the results to this JSON file")
+    ev.add_argument("--code-timeout", type=float, metavar="SECONDS", help="code tasks (humaneval) EXECUTE "
+                    "model-written code, each program in a subprocess killed after this long; they run only with it")
     ev.add_argument("--split", default="val", help="val or train")
     ev.add_argument("--max-tokens", type=int, default=0, help="evaluate only this many tokens (0: all)")
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")

@@ -187,6 +187,12 @@ def answer_of(text: str, stop: list[str], output_regex: str | None = None) -> st
 
 
 def _generate(model, tokenizer, task, items, prompts, batch_size):
+    if task.metric == "code":
+        from commonlm.evaluate.code import humaneval_check
+
+        check = humaneval_check(task.code_timeout)  # (refuses without a time limit, before generating anything)
+    else:
+        check = CHECKERS[task.metric]
     max_len = model.config.max_seq_len
     new_tokens = max(1, min(task.max_tokens, max_len // 2))
     stop_ids = set(tokenizer.stop_ids)
@@ -205,11 +211,10 @@ def _generate(model, tokenizer, task, items, prompts, batch_size):
                                 stop_ids=tuple(sorted(stop_ids))))
     engine = Engine(model, max_batch=max(1, min(batch_size, len(requests))), max_len=max_len)
     seqs = engine.run_all(requests)
-    check = CHECKERS[task.metric]
     right, per_item = 0.0, []
     for item, seq in zip(items, seqs):
         answer = answer_of(tokenizer.decode(seq.generated), task.stop, task.output_regex)
-        score = max(check(answer, target) for target in item.targets)  # check(completion, answer)
+        score = max(check(answer, target, item.context) for target in item.targets)  # (completion, answer, prompt)
         right += score
         per_item.append({"where": item.where, "answer": answer, "score": score})
     return {"acc": right / max(len(items), 1)}, per_item, truncated

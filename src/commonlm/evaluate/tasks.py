@@ -4,10 +4,11 @@ People judge a model by tasks (MMLU, HellaSwag, GSM8K, ...), not by its validati
 downloaded: a task is the user's own files, or a named benchmark found under a data root. A task file:
 
     data: items.jsonl            # one JSON object per line, relative to this file
-    layout: choice               # choice | cloze | generate, or a preset: mmlu hellaswag arc piqa boolq lambada gsm8k
+    layout: choice               # choice | cloze | generate, or a preset of LAYOUTS below (mmlu, gsm8k, ...)
     prompt: "Question: {question}\\nAnswer:"    # Python format fields of an item ({choices[0]} works too)
     choices: choices             # choice: a field holding the list of choices, or a list of templates
     answer: answer               # choice: the right choice's index (or label, see `labels`); else the target text
+                                 # (a field, or a template such as "{test}\ncheck({entry_point})")
     labels: choices.label        # optional: `answer` names one of these labels (ARC's "A".."E")
     delimiter: " "               # between the prompt and a choice or target (lm-evaluation-harness's target_delimiter)
     description: ""              # text before the few-shot examples (may use fields: "... about {subject}.\\n\\n")
@@ -15,7 +16,8 @@ downloaded: a task is the user's own files, or a named benchmark found under a d
     few_shot_from: train.jsonl   # where examples come from (default: the other items of `data`, never the item)
     few_shot_same: subject       # optional: examples share this field's value with the item
     separator: "\\n\\n"            # after each example
-    metric: gsm8k                # generate: gsm8k (final number) or exact (exact match, whitespace aside)
+    metric: gsm8k                # generate: gsm8k (final number), exact (exact match, whitespace aside), or code
+                                 # (HumanEval: runs prompt + completion + the answer's tests; evaluate/code.py)
     stop: ["\\n\\n"]               # generate: the answer ends before any of these
     max_tokens: 256              # generate: the most new tokens
 
@@ -27,18 +29,21 @@ answer. BIG-bench's own task.json is read by evaluate/bigbench.py into the same 
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from commonlm.errors import UserError
 
 KINDS = ("choice", "cloze", "generate")
-METRICS = ("gsm8k", "exact")
+METRICS = ("gsm8k", "exact", "code")
 DATA_ROOT_ENV = "COMMONLM_DATA_ROOT"
 MMLU_LETTERS = ["A", "B", "C", "D"]
+CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]  # a completed function ends before these
 
 # Presets, as lm-evaluation-harness words these tasks (a task file's own keys override them).
 LAYOUTS: dict[str, dict] = {
@@ -58,6 +63,9 @@ LAYOUTS: dict[str, dict] = {
     "lambada": {"kind": "cloze", "prompt": "{text}"},
     "gsm8k": {"kind": "generate", "prompt": "Question: {question}\nAnswer:", "answer": "answer", "metric": "gsm8k",
               "stop": ["Question:", "\n\n"]},
+    # executes model-written code (evaluate/code.py): runs only with --code-timeout
+    "humaneval": {"kind": "generate", "prompt": "{prompt}", "answer": "{test}\ncheck({entry_point})\n",
+                  "delimiter": "", "metric": "code", "stop": CODE_STOP, "max_tokens": 512},
 }
 KEYS = {"data", "layout", "name", "prompt", "choices", "labels", "answer", "delimiter", "description", "few_shot",
         "few_shot_from", "few_shot_same", "separator", "metric", "stop", "max_tokens", "kind"}
@@ -90,6 +98,7 @@ class Task:
     stop: list[str] = field(default_factory=lambda: ["\n\n"])
     max_tokens: int = 256
     output_regex: str | None = None  # BIG-bench: the answer is the first match of this in the generated text
+    code_timeout: float | None = None  # metric code: seconds per program (evaluate/code.py); none: refuses to run
     family: str | None = None  # BIG-bench subtasks: the task they belong to (reported as the mean of them)
     source: str = ""
     _groups: dict | None = None
@@ -155,9 +164,9 @@ def load_tasks(spec: str, root: str | Path | None = None) -> list[Task]:
 def _named(name: str, root: str | Path | None) -> list[Task]:
     where = data_root(root)
     how = f"pass --data-root DIR or set ${DATA_ROOT_ENV} (the folder holding mmlu/, gsm8k/, bigbench/)"
-    files = {"mmlu": "mmlu/test.jsonl", "gsm8k": "gsm8k/test.jsonl"}
+    files = {"mmlu": "mmlu/test.jsonl", "gsm8k": "gsm8k/test.jsonl", "humaneval": "humaneval/HumanEval.jsonl.gz"}
     if name not in files and not name.startswith("bigbench:"):
-        raise UserError(f"--task {name}: no such file, and not a named task (mmlu, gsm8k, bigbench:NAME)")
+        raise UserError(f"--task {name}: no such file, and not a named task (mmlu, gsm8k, humaneval, bigbench:NAME)")
     if where is None:
         raise UserError(f"--task {name}: no data root to find it in; {how}. Nothing is ever downloaded")
     if name.startswith("bigbench:"):
@@ -239,11 +248,16 @@ def _relative(name: str, path: Path) -> Path:
 
 
 def read_jsonl(path: Path) -> list[tuple[dict, str]]:
-    """(record, "file:line") for each non-blank line."""
+    """(record, "file:line") for each non-blank line (of a gzip-compressed file too: HumanEval.jsonl.gz)."""
     from commonlm.data.chat import read_records
 
     if not path.is_file():
         raise UserError(f"{path}: no such file (a task's items: one JSON object per line)")
+    if path.suffix == ".gz":
+        with tempfile.TemporaryDirectory() as tmp:  # read_records reads files; errors still name the .gz
+            plain = Path(tmp) / path.stem
+            plain.write_bytes(gzip.decompress(path.read_bytes()))
+            return [(record, str(path) + where[len(str(plain)):]) for record, where in read_jsonl(plain)]
     records = []
     for where, record in read_records([str(path)], what="task"):
         if not isinstance(record, dict):
@@ -291,6 +305,8 @@ def _item(record: dict, where: str, spec: dict, kind: str, path: Path) -> Item:
         if not space or not last:
             raise UserError(f"{where}: a cloze item needs a last word to predict; its prompt {context[:60]!r} has none")
         context, target = head, last
+    elif "{" in str(spec["answer"]):  # a template (HumanEval's tests and check call)
+        target = render(spec["answer"], record, where, path)
     else:
         target = str(field_of(record, spec["answer"], where))
     return Item(where, context, targets=[delimiter + target] if kind == "cloze" else [target],
