@@ -19,6 +19,7 @@ adapter). Loading one loads its base and merges the adapter in (tune/lora.py's l
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: d
                       {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map})
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint, single-file or sharded. Pickles are never read."""
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded. Pickles are refused, never read."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
@@ -90,8 +91,13 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
                 "Convert them to safetensors in an environment you trust, then try again"
             )
         raise UserError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    return files
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint, single-file or sharded. Pickles are never read."""
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in weight_files(directory):
         try:
             tensors.update(load_file(str(f)))
         except Exception as e:  # safetensors raises its own error types, which vary by version
@@ -193,19 +199,104 @@ def load_model_dir(
 
 def load_weights(directory: str | Path, model: Decoder, weights: str) -> None:
     """Fill `model` from a model directory's safetensors, stored under `weights` naming (commonlm.yaml's:
-    "native" or the family's). A tensor too many or too few is an error, never skipped."""
+    "native" or the family's). A tensor too many or too few is an error, never skipped. Tensors are read one
+    at a time into the model's own: loading holds the model once, not a second copy (2.7x its size before)."""
     directory, c = Path(directory), model.config
-    tensors = read_weights(directory)
     if weights not in ("native", c.family):
         raise UserError(f"{directory}: commonlm.yaml says weights: {weights}, but model.family is {c.family}")
+    state = model.state_dict()  # the model's own tensors: each is filled in place, one stored tensor at a time
+    tied = {"lm_head.weight"} if c.tie_embeddings else set()
     try:
-        if weights == "native":
-            state = {**tensors, "lm_head.weight": tensors["embed.weight"]} if c.tie_embeddings else tensors
-        else:
-            state = hf.from_hf(c, tensors, model.state_dict())
-        model.load_state_dict(state, strict=True)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{directory}: weights do not match commonlm.yaml ({' '.join(str(e).split())[:200]})") from e
+        table = {k: (k,) for k in state if k not in tied} if weights == "native" else hf.hf_names(c, state)
+    except KeyError as e:
+        raise UserError(f"{directory}: weights do not match commonlm.yaml ({e})") from e
+
+    def mismatch(why: str) -> UserError:
+        return UserError(f"{directory}: weights do not match commonlm.yaml ({why})")
+
+    with ExitStack() as files:
+        where = {}  # stored name -> the open file that holds it
+        for f in weight_files(directory):
+            stored = files.enter_context(_Safetensors(f))
+            where.update(dict.fromkeys(stored.header, (f, stored)))
+        needed = {name for theirs in table.values() for name in theirs}
+        unused = set(where) - needed - tied  # (some checkpoints store a tied head too)
+        if unused:
+            raise mismatch(f"unexpected weights {sorted(unused)[:3]}")
+        if missing := sorted(needed - set(where)):
+            raise mismatch(f"missing weights {missing[:3]}")
+        for ours, theirs in table.items():
+            target, row = state[ours], 0  # a fused tensor's parts fill its rows in turn
+            for name in theirs:
+                stored = where[name][1]
+                flip = weights != "native" and name.endswith(hf.CONV1D)  # GPT-2's Conv1D: [in, out]
+                shape = stored.shape(name)
+                rows = shape[1 if flip else 0] if len(shape) == 2 else shape[0] if shape else 0
+                place = target[row : row + rows] if target.dim() else target
+                if tuple(shape[::-1] if flip else shape) != tuple(place.shape):
+                    raise mismatch(f"{name} is stored with shape {tuple(shape)}, {ours} of the model is "
+                                   f"{tuple(target.shape)}")
+                with torch.no_grad():
+                    stored.read(name, place.t() if flip else place)
+                row += rows
+            if target.dim() and row != len(target):
+                raise mismatch(f"{ours}: its stored parts {list(theirs)} fill {row} of its {len(target)} rows")
+
+
+class _Safetensors:
+    """One safetensors file (an 8-byte header length, a JSON header, the tensors' bytes), each tensor read with
+    one plain read into memory of its own. safetensors' own reader maps the file: the mapped pages counted as
+    this process's memory too, on top of the model they were copied into."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+        try:
+            size = int.from_bytes(self.file.read(8), "little")
+            self.header = json.loads(self.file.read(size))
+            self.header.pop("__metadata__", None)
+            self.start = 8 + size
+        except (ValueError, OSError, MemoryError) as e:
+            self.file.close()
+            raise self.corrupt(e) from e
+
+    def corrupt(self, why: object) -> UserError:
+        return UserError(f"{self.path} is corrupt ({why}); use an earlier checkpoint")
+
+    def shape(self, name: str) -> list[int]:
+        try:
+            return [int(n) for n in self.header[name]["shape"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise self.corrupt(f"the header's entry for {name}: {e}") from e
+
+    def read(self, name: str, into: torch.Tensor) -> None:
+        """Tensor `name` into `into` (of its shape): straight into its memory where the dtype and layout allow."""
+        try:
+            info = self.header[name]
+            begin, end = info["data_offsets"]
+            dtype = self.DTYPES[info["dtype"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise self.corrupt(f"the header's entry for {name}: {e}") from e
+        direct = into.dtype == dtype and into.is_contiguous() and into.device.type == "cpu"
+        tensor = into if direct else torch.empty(into.shape, dtype=dtype)
+        raw = tensor.reshape(-1).view(torch.uint8)
+        if raw.numel() != end - begin:
+            raise self.corrupt(f"{name} holds {end - begin} bytes, its shape and dtype need {raw.numel()}")
+        self.file.seek(self.start + begin)
+        if raw.numel() and self.file.readinto(memoryview(raw.numpy())) != raw.numel():
+            raise self.corrupt(f"{name} is cut short")
+        if not direct:
+            into.copy_(tensor)
+
+    def __enter__(self) -> _Safetensors:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 def check_vocab(tokenizer: Tokenizer, model: ModelConfig, where: str | Path) -> None:
