@@ -58,9 +58,11 @@ def test_layouts_build_the_items_lm_evaluation_harness_would(tmp_path):
     assert boolq.items[0].choices == [" no", " yes"] and boolq.items[0].credit == [0.0, 1.0]
     piqa = load_task_file(make(tmp_path, [{"goal": "g", "sol1": "s1", "sol2": "s2", "label": 0}], layout="piqa"))
     assert piqa.items[0].choices == [" s1", " s2"] and piqa.items[0].shot == "Question: g\nAnswer: s1"
-    hella = load_task_file(make(tmp_path, [{"activity_label": "Cooking", "ctx": "He", "endings": ["a", "b", "c"],
-                                            "label": "2"}], layout="hellaswag"))
-    assert hella.items[0].context == "Cooking: He" and hella.items[0].credit == [0.0, 0.0, 1.0]
+    hella = load_task_file(make(tmp_path, [{"activity_label": "Cooking", "ctx_a": "A man [title] stands.",
+                                            "ctx_b": "he", "endings": ["a [step] b", "c", "d"], "label": "2"}],
+                                layout="hellaswag"))
+    assert hella.items[0].context == "Cooking: A man. stands. He" and hella.items[0].credit == [0.0, 0.0, 1.0]
+    assert hella.items[0].choices == [" a b", " c", " d"]
     lambada = load_task_file(make(tmp_path, [{"text": "one two three"}], layout="lambada"))
     assert lambada.items[0].context == "one two" and lambada.items[0].targets == [" three"]
 
@@ -123,3 +125,18 @@ def test_named_tasks_need_a_data_root_and_never_download(tmp_path, monkeypatch):
     assert task.name == "mmlu" and task.items[0].choices == [" A", " B", " C", " D"]
     with pytest.raises(UserError, match=r"no .*gsm8k/test.jsonl"):
         load_tasks("gsm8k")
+
+
+def test_winogrande_scores_the_rest_of_the_sentence_after_each_filled_blank(tmp_path):
+    records = [{"sentence": "It fell off the _ and broke.", "option1": "table", "option2": "shelf", "answer": a}
+               for a in ("1", "2")]
+    task = load_task_file(make(tmp_path, records, layout="winogrande"))
+    item = task.items[0]
+    assert item.contexts == ["It fell off the table", "It fell off the shelf"]
+    assert item.choices == [" and broke."] * 2 and item.lengths == [21, 21]
+    assert item.shot == "It fell off the table and broke." and task.items[1].credit == [0.0, 1.0]
+    model = bigram_model(table({"x": 0.0}, {"e": {" ": 5.0}, "f": {" ": -5.0, "x": 5.0}}))  # " and": after "table"
+    result = score_task(model, Tokenizer.byte_level(), task)
+    assert [p["pick"] for p in result.per_item] == [0, 0] and result.metrics["acc"] == 0.5
+    with pytest.raises(UserError, match=r"items.jsonl:1: the prompt 'no blank' has no blank"):
+        load_task_file(make(tmp_path, [{**records[0], "sentence": "no blank"}], layout="winogrande"))

@@ -121,20 +121,20 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, few_sho
     started = time.perf_counter()
     k = task.few_shot if few_shot is None else few_shot
     items = limited(task.items, limit)
-    prompts = [task.prompt(item, k) for item in items]
     run = {"choice": _choice, "cloze": _cloze, "generate": _generate}[task.kind]
-    metrics, per_item, truncated = run(model, tokenizer, task, items, prompts, batch_size)
+    metrics, per_item, truncated = run(model, tokenizer, task, items, k, batch_size)
     return TaskResult(task.name, task.kind, len(items), metrics, task.chance, truncated,
                       time.perf_counter() - started, task.family, per_item)
 
 
-def _pairs(tokenizer: Tokenizer, model, items: list[Item], prompts: list[str], continuations: list[list[str]]):
-    """Encoded (context, continuation) pairs for every item's continuations, and how many items lose their start."""
+def _pairs(tokenizer: Tokenizer, model, items: list[Item], requests: list[list[tuple[str, str]]]):
+    """Encoded (context, continuation) pairs for every item's (prompt, continuation) texts, and how many items
+    lose their start."""
     max_len = model.config.max_seq_len
     pairs, truncated = [], 0
-    for item, prompt, texts in zip(items, prompts, continuations):
+    for item, texts in zip(items, requests):
         cut = False
-        for text in texts:
+        for prompt, text in texts:
             context_ids, continuation_ids = encode_pair(tokenizer, prompt, text)
             check_encodable(tokenizer, prompt + text, context_ids + continuation_ids, item.where)
             if not continuation_ids:
@@ -148,8 +148,12 @@ def _pairs(tokenizer: Tokenizer, model, items: list[Item], prompts: list[str], c
     return pairs, truncated
 
 
-def _choice(model, tokenizer, task, items, prompts, batch_size):
-    pairs, truncated = _pairs(tokenizer, model, items, prompts, [item.choices for item in items])
+def _choice(model, tokenizer, task, items, k, batch_size):
+    requests = []
+    for item in items:
+        contexts = item.contexts or [item.context] * len(item.choices)  # (a blank: each choice's own context)
+        requests.append([(task.prompt(item, k, context), choice) for context, choice in zip(contexts, item.choices)])
+    pairs, truncated = _pairs(tokenizer, model, items, requests)
     scores = iter(loglikelihoods(model, pairs, batch_size))
     acc = acc_norm = 0.0
     per_item = []
@@ -164,8 +168,8 @@ def _choice(model, tokenizer, task, items, prompts, batch_size):
     return {"acc": acc / n, "acc_norm": acc_norm / n}, per_item, truncated
 
 
-def _cloze(model, tokenizer, task, items, prompts, batch_size):
-    pairs, truncated = _pairs(tokenizer, model, items, prompts, [item.targets[:1] for item in items])
+def _cloze(model, tokenizer, task, items, k, batch_size):
+    pairs, truncated = _pairs(tokenizer, model, items, [[(task.prompt(item, k), item.targets[0])] for item in items])
     results = loglikelihoods(model, pairs, batch_size)
     tokens = sum(len(continuation) for _, continuation in pairs)
     per_item = [{"where": item.where, "loglikelihood": ll, "greedy": greedy}
@@ -186,7 +190,7 @@ def answer_of(text: str, stop: list[str], output_regex: str | None = None) -> st
     return text
 
 
-def _generate(model, tokenizer, task, items, prompts, batch_size):
+def _generate(model, tokenizer, task, items, k, batch_size):
     if task.metric == "code":
         from commonlm.evaluate.code import humaneval_check
 
@@ -201,7 +205,8 @@ def _generate(model, tokenizer, task, items, prompts, batch_size):
         if len(ids) == 1:
             stop_ids.add(ids[0])
     requests, truncated = [], 0
-    for item, prompt in zip(items, prompts):
+    for item in items:
+        prompt = task.prompt(item, k)
         ids = tokenizer.encode(prompt)
         check_encodable(tokenizer, prompt, ids, item.where)
         if not ids:

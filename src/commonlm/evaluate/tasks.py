@@ -9,7 +9,9 @@ downloaded: a task is the user's own files, or a named benchmark found under a d
     choices: choices             # choice: a field holding the list of choices, or a list of templates
     answer: answer               # choice: the right choice's index (or label, see `labels`); else the target text
                                  # (a field, or a template such as "{test}\ncheck({entry_point})")
-    labels: choices.label        # optional: `answer` names one of these labels (ARC's "A".."E")
+    labels: choices.label        # optional: `answer` names one of these labels (ARC's "A".."E"; a field or a list)
+    blank: false                 # choice: each choice fills the "_" in the prompt, and the rest of the prompt after
+                                 # it is scored under each (WinoGrande's partial scoring)
     delimiter: " "               # between the prompt and a choice or target (lm-evaluation-harness's target_delimiter)
     description: ""              # text before the few-shot examples (may use fields: "... about {subject}.\\n\\n")
     few_shot: 0                  # examples before each item (--few-shot overrides)
@@ -33,6 +35,7 @@ import gzip
 import math
 import os
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +56,10 @@ LAYOUTS: dict[str, dict] = {
     "mmlu": {"kind": "choice", "description": "The following are multiple choice questions (with answers) about "
              "{subject}.\n\n", "prompt": "{question}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\n"
              "D. {choices[3]}\nAnswer:", "choices": MMLU_LETTERS, "answer": "answer", "few_shot_same": "subject"},
-    "hellaswag": {"kind": "choice", "prompt": "{activity_label}: {ctx}", "choices": "endings", "answer": "label"},
+    "hellaswag": {"kind": "choice", "prepare": "hellaswag", "prompt": "{query}", "choices": "endings",
+                  "answer": "label"},
+    "winogrande": {"kind": "choice", "prompt": "{sentence}", "blank": True, "choices": ["{option1}", "{option2}"],
+                   "labels": ["1", "2"], "answer": "answer"},
     "arc": {"kind": "choice", "prompt": "Question: {question}\nAnswer:", "choices": "choices.text",
             "labels": "choices.label", "answer": "answerKey"},
     "piqa": {"kind": "choice", "prompt": "Question: {goal}\nAnswer:", "choices": ["{sol1}", "{sol2}"],
@@ -68,7 +74,7 @@ LAYOUTS: dict[str, dict] = {
                   "delimiter": "", "metric": "code", "stop": CODE_STOP, "max_tokens": 512},
 }
 KEYS = {"data", "layout", "name", "prompt", "choices", "labels", "answer", "delimiter", "description", "few_shot",
-        "few_shot_from", "few_shot_same", "separator", "metric", "stop", "max_tokens", "kind"}
+        "few_shot_from", "few_shot_same", "separator", "metric", "stop", "max_tokens", "blank"}
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Item:
     choices: list[str] = field(default_factory=list)  # choice: continuations as scored (delimiter included)
     credit: list[float] = field(default_factory=list)  # choice: the score for picking each (one-hot, or BIG-bench's)
     lengths: list[int] = field(default_factory=list)  # choice: characters of each choice, for acc_norm
+    contexts: list[str] = field(default_factory=list)  # choice with a blank: each choice's own context
     targets: list[str] = field(default_factory=list)  # cloze: the continuation; generate: any of these is right
     shot: str = ""  # the item as a few-shot example: context, delimiter, right answer
     description: str = ""
@@ -128,10 +135,10 @@ class Task:
                             f"{self.source} has {len(shots)}; use fewer shots or give `few_shot_from`")
         return shots
 
-    def prompt(self, item: Item, k: int | None = None) -> str:
-        """description, then k examples each followed by the separator, then the item."""
+    def prompt(self, item: Item, k: int | None = None, context: str | None = None) -> str:
+        """description, then k examples each followed by the separator, then the item (or `context`)."""
         shots = self.examples_for(item, self.few_shot if k is None else k)
-        return item.description + "".join(s.shot + self.separator for s in shots) + item.context
+        return item.description + "".join(s.shot + self.separator for s in shots) + (context or item.context)
 
 
 def data_root(given: str | Path | None = None) -> Path | None:
@@ -287,6 +294,8 @@ def render(template: str, record: dict, where: str, path: Path) -> str:
 
 
 def _item(record: dict, where: str, spec: dict, kind: str, path: Path) -> Item:
+    if spec.get("prepare") == "hellaswag":
+        record = _hellaswag(record, where)
     context = render(spec["prompt"], record, where, path)
     delimiter = str(spec.get("delimiter", " "))
     description = render(spec.get("description", ""), record, where, path)
@@ -297,6 +306,8 @@ def _item(record: dict, where: str, spec: dict, kind: str, path: Path) -> Item:
         choices = _choices(record, where, spec, path)
         right = _answer_index(record, where, spec, choices)
         credit = [float(i == right) for i in range(len(choices))]
+        if spec.get("blank"):
+            return _blank_item(where, context, choices, credit, right, delimiter, description, group)
         return Item(where, context, choices=[delimiter + c for c in choices], credit=credit,
                     lengths=[len(c) for c in choices], shot=context + delimiter + choices[right],
                     description=description, group=group)
@@ -311,6 +322,35 @@ def _item(record: dict, where: str, spec: dict, kind: str, path: Path) -> Item:
         target = str(field_of(record, spec["answer"], where))
     return Item(where, context, targets=[delimiter + target] if kind == "cloze" else [target],
                 shot=context + delimiter + target, description=description, group=group)
+
+
+def _blank_item(where: str, sentence: str, choices: list[str], credit: list[float], right: int, delimiter: str,
+                description: str, group: str | None) -> Item:
+    """WinoGrande's partial scoring, as lm-evaluation-harness does it: each choice fills the blank, and the same
+    rest of the sentence is scored after each (acc_norm divides by the length of each filled-in context)."""
+    head, blank, rest = sentence.partition("_")
+    if not blank or not rest.strip():
+        raise UserError(f"{where}: the prompt {sentence[:60]!r} has no blank '_' with text after it to score")
+    contexts = [head + choice for choice in choices]
+    continuation = delimiter + rest.strip()
+    return Item(where, contexts[right], choices=[continuation] * len(choices), credit=credit,
+                lengths=[len(c) for c in contexts], contexts=contexts, shot=contexts[right] + continuation,
+                description=description, group=group)
+
+
+def _hellaswag(record: dict, where: str) -> dict:
+    """HellaSwag's fields as lm-evaluation-harness words them: `query` (activity label, ctx_a and ctx_b
+    capitalised) and cleaned `endings` (WikiHow's [title]/[step] artifacts removed)."""
+    def clean(text: str) -> str:
+        text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+        return text.replace("  ", " ")
+
+    ctx = f"{field_of(record, 'ctx_a', where)} {str(field_of(record, 'ctx_b', where)).capitalize()}"
+    endings = field_of(record, "endings", where)
+    if not isinstance(endings, list):
+        raise UserError(f"{where}: field 'endings' must be a list of texts (the choices)")
+    return {**record, "query": clean(f"{field_of(record, 'activity_label', where)}: {ctx}"),
+            "endings": [clean(str(e)) for e in endings]}
 
 
 def _choices(record: dict, where: str, spec: dict, path: Path) -> list[str]:
@@ -330,7 +370,8 @@ def _answer_index(record: dict, where: str, spec: dict, choices: list[str]) -> i
     """The right choice's index from the answer field: an index, a label (with `labels`), or a choice's text."""
     answer = field_of(record, spec["answer"], where)
     if spec.get("labels"):
-        labels = [str(label) for label in field_of(record, spec["labels"], where)]
+        given = spec["labels"]
+        labels = [str(label) for label in (given if isinstance(given, list) else field_of(record, given, where))]
         if str(answer) not in labels:
             raise UserError(f"{where}: answer {answer!r} is none of the labels {labels}")
         answer = labels.index(str(answer))
