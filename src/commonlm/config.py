@@ -133,6 +133,9 @@ class TrainConfig:
     # pretraining, or fine-tuning: tune/sft.py, dpo.py, grpo.py
     objective: Literal["next_token", "sft", "dpo", "grpo"] = "next_token"
     init: str = ""  # the model directory a fine-tuning run started from (the tune verbs set it to --init)
+    # sft: lay a micro-batch's conversations side by side in rows of the context (positions restart, attention
+    # stays within each) instead of one padded row each: less padding (tune/sft.py); `tune sft` turns it on
+    pack: bool = False
     # -- dpo (tune/dpo.py)
     dpo_beta: float = 0.1  # dpo: how far the policy may move from the reference (larger: less far)
     dpo_loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # sigmoid DPO, IPO, or reference-free SimPO

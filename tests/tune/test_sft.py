@@ -6,9 +6,11 @@ import random
 import pytest
 import torch
 
+from commonlm.config import ModelConfig
 from commonlm.data.chat import ChatData
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
+from commonlm.model.decoder import Decoder
 from commonlm.model.loss import IGNORE, lm_loss
 from commonlm.train.metrics import read_metrics
 from commonlm.train.trainer import train
@@ -52,6 +54,32 @@ def test_only_the_assistants_tokens_carry_loss(base_and_data):
     garbage[y == IGNORE] = torch.randn_like(garbage[y == IGNORE]) * 100  # what the model says elsewhere
     assert torch.equal(lm_loss(logits, y), lm_loss(garbage, y))
 
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_rows_give_each_conversation_what_it_gets_alone(base_and_data, family):
+    """Packing changes the layout, never the numbers: every conversation's logits equal those of it alone."""
+    _, chat = base_and_data
+    torch.manual_seed(0)
+    config = ModelConfig(family=family, n_layer=2, n_head=4, d_model=64, vocab_size=320, max_seq_len=160)
+    model = Decoder(config).eval()
+    data = ChatData(chat)
+    convs = [data.conversation("train", i) for i in range(6)]
+    x, y, packed = rows(convs, 160, 0, torch.device("cpu"), pack=True)
+    assert x.shape[0] < len(convs)  # several conversations share a row
+    assert torch.equal(packed.positions(x.shape[1])[0, :3], torch.arange(3))
+    with torch.no_grad():
+        logits, _ = model(x, cache=packed)
+        alone = [model(rows([c], 160, 0, torch.device("cpu"))[0])[0][0] for c in convs]
+    starts = ((packed.positions(x.shape[1]) == 0) & (packed.segments >= 0)).nonzero().tolist()  # (not padding)
+    for (r, at), own in zip(starts, alone):
+        assert torch.allclose(logits[r, at : at + own.shape[0]], own, atol=1e-5)  # (positions restart)
+    assert len(starts) == len(convs)
+    padded_x, padded_y = rows(convs, 160, 0, torch.device("cpu"))
+    with torch.no_grad():
+        padded_loss = lm_loss(model(padded_x)[0], padded_y, reduction="sum")
+    assert abs(lm_loss(logits, y, reduction="sum").item() - padded_loss.item()) < 1e-3
+    assert int((y != IGNORE).sum()) == int((padded_y != IGNORE).sum())
 
 def test_sft_learns_the_assistants_side_and_resumes_exactly(base_and_data, tmp_path):
     base, chat = base_and_data

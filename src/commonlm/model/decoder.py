@@ -277,7 +277,7 @@ class Decoder(nn.Module):
         aux: AuxLosses = {}
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                out = checkpoint(block, x, rope, use_reentrant=False)
+                out = checkpoint(block, x, rope, cache, use_reentrant=False)
             else:
                 out = block(x, rope, cache)
             x = _with_aux(out, aux)

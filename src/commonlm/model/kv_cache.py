@@ -10,6 +10,8 @@ back everything each query may see (`update`), and move on (`advance`).
   slots (`select`). This is what continuous batching needs: requests join and leave between steps.
 - `StaticKVCache`: like `KVCache`, but every shape is fixed and the position is a tensor, so that a
   compiled decode step (infer/compiled.py) sees the same graph at every token.
+- `PackedRows`: no cache at all, but training's packed sequences (several conversations in one row), which
+  need the same two answers: positions that restart, and a mask that keeps each sequence to itself.
 """
 
 from __future__ import annotations
@@ -168,3 +170,32 @@ class StaticKVCache:
 
     def reset(self) -> None:
         self.pos.zero_()
+
+
+class PackedRows:
+    """Not a cache: several sequences packed side by side in each row of a training batch. It answers the same
+    three questions, so the decoder needs nothing else for packing: positions restart at every sequence, and
+    each query sees the earlier keys of its own sequence only (a block-diagonal causal mask). Nothing is stored.
+
+    `segments` [B, T] numbers the sequences of each row (any ids; equal ids are one sequence, in order).
+    """
+
+    def __init__(self, segments: torch.Tensor):
+        B, T = segments.shape
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        index = torch.arange(T, device=segments.device).expand(B, T)
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # each one's first place
+        self._positions = index - first
+        self.segments = segments
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+        self.mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal  # [B, 1, T, T]
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self._positions[:, :T]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        return k, v, self.mask
+
+    def advance(self, n: int) -> None:
+        pass

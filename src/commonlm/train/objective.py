@@ -32,6 +32,7 @@ from commonlm.config import RunConfig
 from commonlm.data.loader import TokenData, TrainBatches
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.evaluate.evaluate import evaluate
+from commonlm.model.kv_cache import PackedRows
 from commonlm.model.loss import IGNORE, lm_loss
 from commonlm.runtime import autocast
 from commonlm.utils import console, human
@@ -49,13 +50,14 @@ class Objective(Protocol):
     def describe(self) -> str: ...
 
 
-def next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                    dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                    packed: PackedRows | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The cross-entropy of predicting y from x, summed over the targets that are not IGNORE, plus the
     model's auxiliary losses (means per forward pass) weighted by that count, like the loss; those are also
-    returned as metrics. Pretraining and fine-tuning on conversations share it."""
+    returned as metrics. Pretraining and fine-tuning on conversations share it; `packed` says where the
+    rows of packed conversations begin and end."""
     with autocast(device, dtype):
-        logits, aux = model(x)
+        logits, aux = model(x) if packed is None else model(x, cache=packed)
     total = lm_loss(logits, y, reduction="sum")
     if not aux:
         return total, {}
@@ -78,8 +80,10 @@ class TokenTargets:
         """What the model computes: every position of the (possibly padded) rows."""
         return batch[0].numel()
 
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
-        return next_token_loss(model, *batch, self.device, self.dtype)
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
+        """(x, y), or (x, y, PackedRows) for packed rows."""
+        x, y, *packed = batch
+        return next_token_loss(model, x, y, self.device, self.dtype, *packed)
 
 
 class NextToken(TokenTargets):
