@@ -2,6 +2,7 @@
 
     from commonlm import load, load_config, pretrain
     m = load("runs/x")                     # a run directory, its final/ model, or any checkpoint
+    m = load("base/", adapter="runs/lora") # a LoRA adapter (a run's, or one PEFT saved) merged into a model
     print(m.generate("def ", max_tokens=50))
     print(m.chat([{"role": "user", "content": "hello"}], max_tokens=50))
     result = pretrain(load_config("tiny", ["train.max_steps=100"]), data="data/", out="runs/y")
