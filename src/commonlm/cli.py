@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="run directory, model directory or checkpoint")
     ev.add_argument("--data", help="prepared data directory (loss, perplexity, bits per byte)")
     ev.add_argument("--task", nargs="+", metavar="PATH_OR_NAME", help="downstream tasks: task files (.yaml), "
-                    "BIG-bench task.json or its directory, or mmlu, gsm8k, bigbench:NAME (under --data-root)")
+                    "BIG-bench task.json or its directory, or mmlu, gsm8k, humaneval, bigbench:NAME (--data-root)")
     ev.add_argument("--few-shot", type=int, help="examples before each item (default: each task's own)")
     ev.add_argument("--limit", type=int, help="evaluate this many items of each task, spread over it")
     ev.add_argument("--data-root", help="where named tasks live (default: $COMMONLM_DATA_ROOT, else ../shared/data)")

@@ -45,10 +45,6 @@ class TaskResult:
     family: str | None = None
     per_item: list[dict] = field(default_factory=list)
 
-    @property
-    def score(self) -> float:
-        return self.metrics["acc"]
-
     def as_dict(self) -> dict:
         return {"task": self.name, "kind": self.kind, "items": self.items, **self.metrics, "chance": self.chance,
                 "truncated": self.truncated, "seconds": round(self.seconds, 3)}

@@ -42,7 +42,6 @@ from pathlib import Path
 
 from commonlm.errors import UserError
 
-KINDS = ("choice", "cloze", "generate")
 METRICS = ("gsm8k", "exact", "code")
 DATA_ROOT_ENV = "COMMONLM_DATA_ROOT"
 MMLU_LETTERS = ["A", "B", "C", "D"]
