@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   f"({m.model.config.max_seq_len} tokens) and lost their beginning, as lm-evaluation-harness "
                   "does" + ("; fewer --few-shot keeps more of them whole" if args.few_shot else ""), file=sys.stderr)
         if args.json:
-            atomic_write_json(Path(args.json), [r.as_dict() for r in results])
+            atomic_write_json(Path(args.json), [r.as_dict(per_item=True) for r in results])
         return
     m = load(args.model, device=args.device)
     result = m.evaluate(args.data, split=args.split, max_tokens=args.max_tokens, batch_size=args.batch_size)
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="with --task: weights in memory")
     ev.add_argument("--quantize", choices=["int8", "int4"], help="with --task: weight-only quantization")
     ev.add_argument("--adapter", metavar="DIR", help="with --task: a LoRA adapter directory to apply")
-    ev.add_argument("--json", metavar="FILE", help="with --task: also write the results to this JSON file")
+    ev.add_argument("--json", metavar="FILE", help="with --task: also write the results, item by item, to this file")
     ev.add_argument("--code-timeout", type=float, metavar="SECONDS", help="code tasks (humaneval) EXECUTE "
                     "model-written code, each program in a subprocess killed after this long; they run only with it")
     ev.add_argument("--split", default="val", help="val or train")

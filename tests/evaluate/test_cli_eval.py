@@ -30,6 +30,8 @@ def test_eval_task_end_to_end_with_chance_and_json(setup, tmp_path, capsys):
     (result,) = json.loads((tmp_path / "r.json").read_text())
     # raw log-likelihood picks "b" every time, length-normalised "aaaa" (see test_scoring.py's hand computation)
     assert (result["items"], result["acc"], result["acc_norm"], result["chance"]) == (3, 2 / 3, 1 / 3, 0.5)
+    assert [(p["where"].rsplit("/", 1)[1], p["pick"]) for p in result["per_item"]] == [
+        ("items.jsonl:1", 1), ("items.jsonl:2", 0), ("items.jsonl:3", 1)]
     assert main(["eval", str(model), "--task", str(task), "--quantize", "int8", "--limit", "2",
                  "--json", str(tmp_path / "q.json")]) == 0
     (quantized,) = json.loads((tmp_path / "q.json").read_text())

@@ -45,9 +45,11 @@ class TaskResult:
     family: str | None = None
     per_item: list[dict] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return {"task": self.name, "kind": self.kind, "items": self.items, **self.metrics, "chance": self.chance,
-                "truncated": self.truncated, "seconds": round(self.seconds, 3)}
+    def as_dict(self, per_item: bool = False) -> dict:
+        """The scores; with per_item, each item's too (its file:line, log-likelihoods and picks, or answer)."""
+        out = {"task": self.name, "kind": self.kind, "items": self.items, **self.metrics, "chance": self.chance,
+               "truncated": self.truncated, "seconds": round(self.seconds, 3)}
+        return {**out, "per_item": self.per_item} if per_item else out
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
