@@ -175,8 +175,11 @@ def rated_peak_flops(name: str) -> float | None:
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Matmul FLOP/s this device reaches in `dtype` right now: the denominator of MFU."""
     n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # its own generator: a draw from the global one would shift a run's dropout masks by whether the
+    # measurement was cached (two fresh runs with dropout differed)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     reps = 3 if device.type == "cpu" else 20
     best = float("inf")
     for _ in range(2):
