@@ -150,6 +150,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"bits/byte {result.bits_per_byte:.4f} · {result.tokens:,} tokens")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from commonlm.evaluate.report import write_report
+    from commonlm.utils import console
+
+    out = write_report(args.run, args.out, samples=not args.no_samples, prompts=args.prompt,
+                       max_tokens=args.max_tokens, device=args.device, overwrite=args.overwrite)
+    console.print(f"report: {out} (PNG plots beside it)")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from commonlm.evaluate.report import compare
+    from commonlm.utils import console
+
+    out = compare(args.models, args.task, args.out, few_shot=args.few_shot, limit=args.limit,
+                  data_root=args.data_root, batch_size=args.batch_size, device=args.device, fresh=args.fresh,
+                  overwrite=args.overwrite)
+    console.print(f"compare: {out} (and {out.with_suffix('.png').name} beside it)")
+    print(out.read_text(encoding="utf-8"))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from commonlm.infer.generate import SamplingParams
 
@@ -474,6 +494,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="a markdown report of a run: summary, curves, evaluations, samples, config")
+    rp.add_argument("run", help="run directory (the --out of train or tune)")
+    rp.add_argument("--out", help="markdown file (default RUN/report.md); its PNG plots go beside it")
+    rp.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    rp.add_argument("--no-samples", action="store_true", help="skip the samples (no model is loaded)")
+    rp.add_argument("--prompt", action="append", metavar="TEXT", help="a sample prompt (repeatable)")
+    rp.add_argument("--max-tokens", type=int, default=48, help="tokens per sample (greedy)")
+    rp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    rp.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="runs or models side by side on the same tasks (a markdown table and plot)")
+    cp.add_argument("models", nargs="+", metavar="RUN_OR_MODEL", help="run or model directories")
+    cp.add_argument("--task", nargs="+", metavar="PATH_OR_NAME", help="tasks, as for eval (default: the results "
+                    "stored in each one's eval/*.json)")
+    cp.add_argument("--few-shot", type=int, help="examples before each item (default: each task's own)")
+    cp.add_argument("--limit", type=int, help="this many items of each task, spread over it")
+    cp.add_argument("--data-root", help="where named tasks live (default: $COMMONLM_DATA_ROOT, else ../shared/data)")
+    cp.add_argument("--fresh", action="store_true", help="score every task here, ignoring stored results")
+    cp.add_argument("--out", default="compare.md", help="markdown file (its .png beside it)")
+    cp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cp.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    cp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    cp.set_defaults(func=cmd_compare)
 
     def inference(q: argparse.ArgumentParser) -> None:
         q.add_argument("model", help="run directory, model directory or checkpoint")
