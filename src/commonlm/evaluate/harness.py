@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -137,7 +138,7 @@ def run_harness(model_dir: str | Path, tasks: list[Task], few_shot: int | None =
         out = simple_evaluate(
             model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "max_length": max_len},
             tasks=names, batch_size=batch_size, device=device, log_samples=True, bootstrap_iters=0,
-            task_manager=TaskManager(include_path=tmp, include_defaults=False), verbosity="ERROR")
+            task_manager=TaskManager(include_path=tmp, include_defaults=False))
         seconds = time.perf_counter() - started
     return [_result(task, name, items, out, seconds / len(tasks)) for task, (name, items) in zip(tasks, written)]
 
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="where named tasks live")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # (a warning per prompt cut to the context, as ours)
     try:
         tasks = [task for spec in args.task for task in load_tasks(spec, args.data_root)]
         ours = load(args.model, device="cpu").evaluate_tasks(tasks, few_shot=args.few_shot, limit=args.limit,
