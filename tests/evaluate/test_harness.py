@@ -72,7 +72,9 @@ def model_and_tasks(tmp_path_factory):
 def test_the_harness_agrees_item_by_item(model_and_tasks):
     model_dir, tasks = model_and_tasks
     ours = load(model_dir, device="cpu").evaluate_tasks(tasks, batch_size=4)
+    rng = torch.random.get_rng_state()
     theirs = run_harness(model_dir, tasks, batch_size=4)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's generator is left alone
     assert [r.name for r in theirs] == [t.name for t in tasks]
     assert ours[0].truncated > 0  # few-shot MMLU prompts are longer than the 64-token context: both cut the start
     for task, mine, other in zip(tasks, ours, theirs):

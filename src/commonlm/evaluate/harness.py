@@ -135,9 +135,12 @@ def run_harness(model_dir: str | Path, tasks: list[Task], few_shot: int | None =
         if len(set(names)) < len(names):
             raise UserError(f"harness: two tasks share a name ({', '.join(names)}); the harness needs them apart")
         started = time.perf_counter()
+        # no seeds: nothing is drawn (the few-shot examples are ours, in each item's prefix), so the caller's
+        # random generators are left as they were
         out = simple_evaluate(
             model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "max_length": max_len},
             tasks=names, batch_size=batch_size, device=device, log_samples=True, bootstrap_iters=0,
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None,
             task_manager=TaskManager(include_path=tmp, include_defaults=False))
         seconds = time.perf_counter() - started
     return [_result(task, name, items, out, seconds / len(tasks)) for task, (name, items) in zip(tasks, written)]
