@@ -1,6 +1,6 @@
 """The lm-evaluation-harness bridge: the harness, run offline on our model directory and the same items, gets our
 log-likelihoods, picks and accuracies item by item (multiple choice with few-shot prompts cut to the context,
-WinoGrande's blank, LAMBADA's cloze)."""
+WinoGrande's blank with a few-shot example, LAMBADA's cloze)."""
 
 import json
 
@@ -63,7 +63,7 @@ def model_and_tasks(tmp_path_factory):
     files = {"mmlu": MMLU, "arc": ARC, "winogrande": WINOGRANDE, "lambada": LAMBADA}
     for layout, records in files.items():
         write_jsonl(root / f"{layout}.jsonl", records)
-        extra = "few_shot: 1\n" if layout == "mmlu" else ""
+        extra = "few_shot: 1\n" if layout in ("mmlu", "winogrande") else ""
         (root / f"{layout}.yaml").write_text(f"data: {layout}.jsonl\nlayout: {layout}\n{extra}")
     tasks = [task for layout in files for task in load_tasks(str(root / f"{layout}.yaml"))]
     return root / "model", tasks
