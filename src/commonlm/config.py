@@ -36,6 +36,18 @@ class ModelConfig:
     max_seq_len: int = 256
     pos_emb: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
+    # RoPE scaling (longer contexts than pretraining), as transformers computes it (model/decoder.py, Rotary):
+    # linear (positions / factor), dynamic NTK (the base grows with the sequence beyond rope_original_len),
+    # yarn (per-frequency blend + attention factor), llama3 (Llama 3.1's per-wavelength blend)
+    rope_scaling: Literal["none", "linear", "dynamic", "yarn", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_original_len: int = 0  # the pretraining context the scaling starts from; 0: max_seq_len
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn: rotations where interpolation ends ...
+    rope_beta_slow: float = 1.0  # ... and where it is complete
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the blend's dimension range to whole dimensions
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
@@ -86,6 +98,18 @@ class ModelConfig:
         _check(self.dim_head % 2 == 0 or self.pos_emb != "rope", "model.head_dim", self.dim_head, "must be even")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
         _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
+        _check(self.rope_scaling == "none" or self.pos_emb == "rope", "model.rope_scaling", self.rope_scaling,
+               "scales rotary positions: set model.pos_emb=rope or rope_scaling=none")
+        _check(self.rope_factor >= 1.0 or self.rope_scaling == "linear" and self.rope_factor > 0, "model.rope_factor",
+               self.rope_factor, "must be >= 1 (linear scaling: positive)")
+        _check(self.rope_original_len >= 0, "model.rope_original_len", self.rope_original_len,
+               "must be >= 0 (0 = model.max_seq_len)")
+        _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor, "model.rope_low_freq_factor",
+               self.rope_low_freq_factor, f"must be positive and below rope_high_freq_factor={self.rope_high_freq_factor}")
+        _check(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast", self.rope_beta_fast,
+               f"must exceed rope_beta_slow={self.rope_beta_slow} > 0")
+        _check(self.rope_attention_factor >= 0, "model.rope_attention_factor", self.rope_attention_factor,
+               "must be >= 0 (0 = from rope_factor)")
         _check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be positive")
 
 
@@ -130,6 +154,12 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
     threads: int = 0  # CPU threads for torch; 0: the CPUs other processes leave free, re-checked (threads.py)
+    # several processes (torchrun): ddp keeps a whole copy of the model and its optimizer on each; fsdp shards
+    # weights, gradients and optimizer state over them (train/parallel.py) and checkpoints with DCP
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # continue from the newest checkpoint in the run directory when it has one, else start: the same command
+    # line serves the first start and every restart (torchrun --max-restarts, a requeued or preempted job)
+    auto_resume: bool = False
     # pretraining, or fine-tuning: tune/sft.py, dpo.py, grpo.py
     objective: Literal["next_token", "sft", "dpo", "grpo"] = "next_token"
     init: str = ""  # the model directory a fine-tuning run started from (the tune verbs set it to --init)
@@ -182,6 +212,10 @@ class TrainConfig:
                self.lora_targets, "must name at least one module (comma-separated, e.g. q_proj,v_proj)")
         _check(not self.base_quant or self.lora_rank > 0, "train.base_quant", self.base_quant,
                "quantizes the frozen base of a LoRA run: set train.lora_rank (--lora-rank) too")
+        _check(self.parallel == "ddp" or not self.lora_rank, "train.parallel", self.parallel,
+               "does not shard LoRA runs yet (their trainable part is small): use train.parallel=ddp")
+        _check(self.parallel == "ddp" or self.objective != "grpo", "train.parallel", self.parallel,
+               "does not shard GRPO runs yet (each rank samples its own rollouts): use train.parallel=ddp")
 
     def _validate_grpo(self) -> None:
         _check(bool(self.reward), "train.reward", self.reward, "must name a reward for objective grpo: gsm8k, "

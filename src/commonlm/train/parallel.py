@@ -5,20 +5,34 @@
     init_weights(model, seed) or load weights    # now that every parameter has its place
     optimizer = make_optimizer(model, ...)       # over the parameters as parallelize left them
 
-Today `parallelize` compiles each block (train.compile) and wraps the model in DDP when torchrun started
-several processes. Sharding (FSDP2's `fully_shard`) and fault-tolerant or low-communication wrappers plug
-in here; `full_state_dict` is where the checkpoint code gathers a sharded model's weights, so neither
-the loop nor the checkpoint format has to change for them.
+`parallelize` compiles each block (train.compile), then, when torchrun started several processes, either
+wraps the model in DDP (train.parallel=ddp: every rank holds the whole model and optimizer) or shards it with
+FSDP2 (train.parallel=fsdp: `fully_shard` on each block, then the root; a rank holds 1/N of the weights,
+gradients and AdamW moments, and gathers a block's weights just for its forward and backward).
+
+Under fsdp the model is initialised (or loaded) whole on each rank *before* it is sharded, so that a run
+starts from exactly the weights one process would (initialising DTensor shards draws other random numbers);
+that costs the whole model's weights once per rank at start-up, before any gradient or optimizer state
+exists. Sharded state goes to disk through torch.distributed.checkpoint (train/checkpoint.py);
+`full_state_dict` gathers the whole weights for model directories, so those look the same either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from commonlm.config import RunConfig
 from commonlm.model.decoder import Decoder
+from commonlm.runtime import pick_dtype
 from commonlm.world import World
 
 
@@ -50,22 +64,74 @@ def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
 
 
 def parallelize(model: nn.Module, config: RunConfig, world: World, device: torch.device) -> nn.Module:
-    """Compile, then wrap for data parallelism. Compiling each block in place before the wrap (as
-    torchtitan does) keeps parameter names unchanged, and works the same under DDP and, later, FSDP."""
+    """Compile, then wrap (DDP) or shard (FSDP2) for data parallelism. Compiling each block in place first (as
+    torchtitan does) keeps parameter names unchanged, and works the same under both."""
     if config.train.compile:
         for block in model.blocks:
             block.compile()
+    if world.distributed and config.train.parallel == "fsdp":
+        return shard(model, world, device, bf16=pick_dtype(config.train.dtype, device) == torch.bfloat16)
     if world.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
 
+def shard(model: Decoder, world: World, device: torch.device, bf16: bool) -> Decoder:
+    """FSDP2 in place: each block is one unit of gathering (its weights whole only during its forward and
+    backward), the root holds the rest (embeddings, final norm, head: tied weights stay one parameter). With
+    bf16 the gathered weights and the computation are bf16 while the sharded weights, the optimizer and the
+    gradient reduction stay fp32 (FSDP's mixed precision: what autocast gives one process, at half the traffic)."""
+    mesh = init_device_mesh(device.type, (world.size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside whatever `parallelize` wrapped it in."""
+    """The model inside whatever `parallelize` wrapped it in (a sharded model is its own)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight of the model, whole, for a checkpoint or a model directory. Called on every rank (a
-    sharded model gathers here, a collective); with DDP each rank already holds them all."""
+    sharded model gathers here, a collective, into rank 0's host memory: the other ranks get {}); with DDP
+    each rank already holds them all."""
+    if is_sharded(model):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap(model).state_dict()
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """The whole weights on every rank for the duration (a sharded model; nothing to do otherwise): evaluation
+    gives the ranks unequal numbers of batches, and a sharded forward is a collective every rank must join.
+    Costs the whole model's (bf16 under mixed precision) weights on each rank meanwhile."""
+    if not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # training again: blocks gather for their forward and again for backward; the root (embeddings,
+            # head) keeps its weights from forward to backward, as fully_shard sets a root up
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to `max_norm` in total; their norm before, a plain tensor (a sharded model's is
+    computed over every rank's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

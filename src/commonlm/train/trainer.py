@@ -5,7 +5,7 @@
     train(config, out, objective=MyObjective)   the same loop for another objective (fine-tuning, ...)
 
 Setup: build the model (on the meta device, then initialise or load it in place), parallelize it
-(train/parallel.py: compile, DDP), then its optimizer. A step = the objective's micro-batches until
+(train/parallel.py: compile, DDP or FSDP), then its optimizer. A step = the objective's micro-batches until
 `tokens_per_step`, each micro-batch's loss summed over its target tokens and divided by the target tokens
 of the whole step (all micro-batches, all ranks), clip, AdamW. Around it: periodic evaluation and
 checkpoints, early stopping (patience, or a target validation loss), a non-finite-loss guard, and
@@ -38,7 +38,7 @@ from commonlm.train import checkpoint as ckpt
 from commonlm.train.metrics import Metrics, peak_flops, plot_losses, rated_peak_flops
 from commonlm.train.objective import NextToken, Objective
 from commonlm.train.optim import lr_at, make_optimizer
-from commonlm.train.parallel import build_model, full_state_dict, init_weights, parallelize
+from commonlm.train.parallel import build_model, clip_grad_norm, full_state_dict, gathered, init_weights, parallelize
 from commonlm.utils import console, human
 from commonlm.world import World, all_reduce_sum, barrier, close_world, init_world
 
@@ -175,6 +175,7 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
         raise UserError(f"data: {config.data.path} is not a prepared data directory (no index.json); create one "
                         "with `commonlm data prepare`")
     tokenizer = Tokenizer.load(config.data.path)
+    resume = resume or (cfg.auto_resume and ckpt.latest_checkpoint(out) is not None)
     latest = ckpt.latest_checkpoint(out) if resume else None
     if resume and latest is None:
         raise UserError(f"--resume: no checkpoint in {out}/checkpoints; start a fresh run without --resume")
@@ -216,7 +217,7 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
     state: dict[str, Any] = {"step": 0, "tokens": 0, "best_val_loss": None, "evals_since_best": 0,
                              "nonfinite_streak": 0, "data": objective.state_dict(), "elapsed": 0.0}
     if latest is not None:
-        state = ckpt.load_training_state(latest, optimizer, device)
+        state = ckpt.load_training_state(latest, optimizer, device, model)
         objective.load_state_dict(state["data"])
     elif world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,8 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
         _print_summary(raw_model, config, device, dtype, world, accum, tokens_per_step, objective, peak, latest)
 
     def run_eval(step: int) -> dict[str, float] | None:
-        values = objective.evaluate(model)
+        with gathered(model):  # (a sharded model: ranks may evaluate unequal numbers of batches)
+            values = objective.evaluate(model)
         if values is not None:
             formats = {"val_loss": ".4f", "val_ppl": ".2f", "val_bpb": ".4f"}
             shown = " · ".join(f"{k.removeprefix('val_')} {v:{formats.get(k, '.4g')}}" for k, v in values.items()
@@ -250,11 +252,13 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
         return values
 
     def save(step_state: dict[str, Any]) -> Path | None:
-        weights = full_state_dict(model)  # every rank: a sharded model gathers here
         path = None
-        if world.is_main:
+        if cfg.parallel == "fsdp":  # every rank writes its shards (DCP), at any number of processes
+            path = ckpt.save_sharded_checkpoint(out, model, optimizer, tokenizer, config, step_state, cfg.keep_last,
+                                                world)
+        elif world.is_main:  # (DDP: every rank holds the whole weights)
             path = ckpt.save_checkpoint(out, raw_model, optimizer, tokenizer, config, step_state, cfg.keep_last,
-                                        weights=weights)
+                                        weights=full_state_dict(model))
         barrier(world)
         return path
 
@@ -308,7 +312,7 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
                 optimizer.zero_grad(set_to_none=True)
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                grad_norm = clip_grad_norm(raw_model, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
