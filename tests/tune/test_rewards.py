@@ -55,14 +55,14 @@ def test_a_file_without_the_function_or_that_fails_to_import(tmp_path):
 
 def test_a_reward_that_raises_scores_zero_and_is_reported_once_per_error(capsys):
     def picky(completion, answer, prompt):
-        if completion == "boom":
-            raise ValueError("cannot parse")
+        if completion.startswith("boom"):
+            raise ValueError(f"cannot parse {completion}")
         if completion == "none":
             return None
         return 1.0
 
     score = Scorer(picky)
-    assert [score(c, "a", f"prompt {i}") for i, c in enumerate(["ok", "boom", "boom", "none", "ok"])] == \
+    assert [score(c, "a", f"prompt {i}") for i, c in enumerate(["ok", "boom", "boom 2", "none", "ok"])] == \
         [1.0, 0.0, 0.0, 0.0, 1.0]
     err = capsys.readouterr().err
     assert err.count("ValueError: cannot parse") == 1 and "'prompt 1'" in err  # once, naming the first prompt

@@ -13,7 +13,8 @@ the data (`commonlm data prepare --format prompts`), `prompt` the text of the pr
                        with the run's permissions: it is your code, so run only code you trust.
 
 A reward that raises (or returns something that is not a finite number) scores 0.0 for that completion; the
-run goes on and prints one line naming the prompt and the error, once per distinct error.
+run goes on and prints one line naming the prompt and the error, once per distinct error (its type and the
+line that raised it: an error whose message holds the completion is still shown once).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import importlib.util
 import math
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,7 +107,7 @@ class Scorer:
 
     def __init__(self, reward: Reward, show: bool = True):
         self.reward, self.show = reward, show
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: set[tuple[str, str, int | None]] = set()
 
     def __call__(self, completion: str, answer: str, prompt: str) -> float:
         try:
@@ -114,7 +116,8 @@ class Scorer:
                 raise TypeError(f"returned {value!r}, not a finite number")
             return float(value)
         except Exception as e:
-            key = (type(e).__name__, str(e))
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            key = (type(e).__name__, where.filename, where.lineno)
             if key not in self.seen:
                 self.seen.add(key)
                 if self.show:
