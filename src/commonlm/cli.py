@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from commonlm.config import apply_overrides, config_from_dict, load_config
     from commonlm.train.trainer import resume_config, train
 
-    overrides = _overrides(args)
+    overrides = _overrides(args) + ([f"train.swarm={args.swarm}"] if args.swarm else [])
     if args.resume:
         if args.config:
             raise UserError("--resume takes the config saved in the run; drop --config (use --set to change values)")
@@ -90,6 +90,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         config.data.path = args.data
     return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status
+
+
+def cmd_swarm_lighthouse(args: argparse.Namespace) -> None:
+    from commonlm.scale.lighthouse import run_lighthouse
+
+    run_lighthouse(args.bind, args.min_replicas, args.join_timeout_ms, args.heartbeat_timeout_ms)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -444,7 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     tr.add_argument("--init", metavar="MODEL_DIR", help="start from the weights of a model directory")
     tr.add_argument("--stop-at-step", type=int, help="save and stop after this step (resume later)")
+    tr.add_argument("--swarm", metavar="HOST:PORT",
+                    help="join a decentralized run as a volunteer: DiLoCo with the lighthouse there (train.swarm*)")
     tr.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser("swarm", help="decentralized training over torchft").add_subparsers(dest="action",
+                                                                                            required=True)
+    lh = sw.add_parser("lighthouse", help="the coordinator volunteers join with `commonlm train --swarm HOST:PORT`")
+    lh.add_argument("--bind", default="0.0.0.0:29510",
+                    help="HOST:PORT to listen on (default every interface, port 29510; restrict it to a VPN's address)")
+    lh.add_argument("--min-replicas", type=int, default=2, help="volunteers a quorum needs (default 2)")
+    lh.add_argument("--join-timeout-ms", type=int, default=60000,
+                    help="how long a quorum waits for volunteers that are up but not at a sync yet (default 60000)")
+    lh.add_argument("--heartbeat-timeout-ms", type=int, default=5000,
+                    help="silence after which a volunteer counts as gone (default 5000)")
+    lh.set_defaults(func=cmd_swarm_lighthouse)
 
     tune = sub.add_parser("tune", help="fine-tune a trained model").add_subparsers(dest="action", required=True)
     for verb, what, fmt in [("sft", "supervised fine-tuning on conversations", "chat"),

@@ -48,6 +48,9 @@ class ModelConfig:
     rope_beta_slow: float = 1.0  # ... and where it is complete
     rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(rope_factor) + 1
     rope_truncate: bool = True  # yarn: round the blend's dimension range to whole dimensions
+    # sliding-window attention (Mistral, Qwen2): each token sees itself and the sliding_window - 1 before it; 0: all
+    sliding_window: int = 0
+    full_attention_layers: int = 0  # with sliding_window: the first this many layers see everything (Qwen2)
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
@@ -108,6 +111,9 @@ class ModelConfig:
                self.rope_low_freq_factor, f"must be positive and below rope_high_freq_factor={self.rope_high_freq_factor}")
         _check(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast", self.rope_beta_fast,
                f"must exceed rope_beta_slow={self.rope_beta_slow} > 0")
+        _check(self.sliding_window >= 0, "model.sliding_window", self.sliding_window, "must be >= 0 (0 = off)")
+        _check(0 <= self.full_attention_layers < self.n_layer or not self.sliding_window, "model.full_attention_layers",
+               self.full_attention_layers, f"must be in [0, model.n_layer={self.n_layer}) with a sliding window")
         _check(self.rope_attention_factor >= 0, "model.rope_attention_factor", self.rope_attention_factor,
                "must be >= 0 (0 = from rope_factor)")
         _check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be positive")
@@ -184,6 +190,16 @@ class TrainConfig:
     grpo_temperature: float = 1.0
     grpo_clip: float = 0.2  # epsilon of the clipped objective
     grpo_kl_beta: float = 0.0  # weight of the KL term to the reference (0: none, no reference model)
+    # -- swarm (scale/swarm.py): this run is one volunteer of a decentralized DiLoCo run over torchft
+    swarm: str = ""  # the lighthouse's HOST:PORT (`commonlm swarm lighthouse`); "": an ordinary run
+    swarm_sync_every: int = 100  # H: inner steps between outer syncs (make max_steps a multiple of it)
+    swarm_outer_lr: float = 0.7  # outer SGD on the averaged pseudo-gradients (the DiLoCo paper's values)
+    swarm_outer_momentum: float = 0.9  # Nesterov; 0: plain averaging steps
+    swarm_min_replicas: int = 1  # apply an outer step only when at least this many volunteers took part
+    swarm_timeout: float = 120.0  # seconds for an all-reduce, a commit, fetching a peer's state, connecting
+    swarm_quorum_timeout: float = 3600.0  # seconds a sync waits for the lighthouse's quorum (others are slower)
+    swarm_port: int = 0  # this volunteer's torchft manager port (every interface); 0: any free one
+    swarm_advertise: str = ""  # address other volunteers reach this one at; "": the one routing to the lighthouse
 
     def validate(self) -> None:
         positive = ["micro_batch_size", "max_steps", "log_every", "keep_last", "max_nonfinite"]
@@ -201,6 +217,8 @@ class TrainConfig:
         _check(self.eps > 0, "train.eps", self.eps, "must be positive")
         if self.objective == "grpo":
             self._validate_grpo()
+        if self.swarm:
+            self._validate_swarm()
         _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "must be positive")
         _check(self.objective != "dpo" or self.dpo_loss == "simpo" or bool(self.reference), "train.reference",
                self.reference, f"must name the reference model directory for objective dpo ({self.dpo_loss} loss)")
@@ -216,6 +234,18 @@ class TrainConfig:
                "does not shard LoRA runs yet (their trainable part is small): use train.parallel=ddp")
         _check(self.parallel == "ddp" or self.objective != "grpo", "train.parallel", self.parallel,
                "does not shard GRPO runs yet (each rank samples its own rollouts): use train.parallel=ddp")
+
+    def _validate_swarm(self) -> None:
+        host, _, port = self.swarm.removeprefix("http://").rpartition(":")
+        _check(bool(host) and port.isdigit(), "train.swarm", self.swarm,
+               "must be the lighthouse's HOST:PORT (what `commonlm swarm lighthouse` prints)")
+        for name in ("swarm_sync_every", "swarm_min_replicas"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be at least 1")
+        for name in ("swarm_outer_lr", "swarm_timeout", "swarm_quorum_timeout"):
+            _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be positive")
+        _check(0 <= self.swarm_outer_momentum < 1, "train.swarm_outer_momentum", self.swarm_outer_momentum,
+               "must be in [0, 1)")
+        _check(0 <= self.swarm_port < 65536, "train.swarm_port", self.swarm_port, "must be a port (0: any free one)")
 
     def _validate_grpo(self) -> None:
         _check(bool(self.reward), "train.reward", self.reward, "must name a reward for objective grpo: gsm8k, "

@@ -33,6 +33,7 @@ from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 from commonlm.modeldir import load_model_dir, save_model_dir
 from commonlm.runtime import pick_device, pick_dtype
+from commonlm.scale.swarm import volunteer
 from commonlm.threads import ThreadGovernor, available_cpus
 from commonlm.train import checkpoint as ckpt
 from commonlm.train.metrics import Metrics, peak_flops, plot_losses, rated_peak_flops
@@ -276,7 +277,8 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
     skips_on_device = bool(optimizer.defaults.get("fused"))
     skipped = torch.zeros((), device=device)  # non-finite steps since the host last looked
     streak = torch.full((), float(state["nonfinite_streak"]), device=device)
-    with _StopSignal() as stop_signal:
+    # train.swarm: a DiLoCo volunteer, whose outer syncs happen inside optimizer.step() (scale/swarm.py)
+    with _StopSignal() as stop_signal, volunteer(config, world, raw_model, optimizer, metrics, state["step"]):
         while state["step"] < cfg.max_steps:
             step = state["step"]
             used = elapsed_before + time.perf_counter() - t_start

@@ -1,0 +1,163 @@
+"""A volunteer of a decentralized run: DiLoCo over torchft, so that machines on home links can train one model.
+
+    commonlm swarm lighthouse --bind 0.0.0.0:29510 --min-replicas 2      # once, somewhere every volunteer reaches
+    commonlm train --config C --data MY_DATA --out RUN --swarm HOST:29510  # on each volunteer, its own data
+
+Each volunteer runs the one training loop (train/trainer.py) on its own data with its own AdamW (the inner
+optimizer). Every `train.swarm_sync_every` (H) inner steps, torchft's `local_sgd.DiLoCo` (hooked into the inner
+optimizer's step) asks the lighthouse for a quorum, averages the pseudo-gradients (global weights at the last sync
+minus local weights now) over the volunteers in it with one all-reduce, and applies them to the global weights
+with the outer optimizer (SGD, Nesterov momentum): every volunteer in the quorum then holds the same global
+weights and trains on from them. Only those pseudo-gradients leave a machine, once per H steps, not every step's
+gradients; no data does. A volunteer that joins late, or restarts, is behind the others' sync count: at its first
+sync it fetches the model, AdamW state, global weights and outer momentum from a peer (torchft's healing), and
+syncs with them from then on. One that leaves (stops, crashes, loses its link) is left out of the next quorum
+once its heartbeats stop; a sync whose all-reduce failed is not applied by anyone (each goes back to the global
+weights of the last sync and trains on).
+
+The glue here: a TCPStore for torchft's process group, the Manager (its healing state: model and inner
+optimizer), DiLoCo, and a record in metrics.jsonl per sync with the bytes sent. Every volunteer must start
+from the same weights (the same config and train.seed, or the same --init): DiLoCo starts the global model
+from each volunteer's own initial weights, and nothing checks them.
+
+Network (see the report/docs): the lighthouse is central; the all-reduce (gloo) and healing (HTTP) go directly
+between volunteers on ports chosen at random, and torchft's manager server binds every interface.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from commonlm.config import RunConfig
+from commonlm.errors import UserError
+from commonlm.train.metrics import Metrics
+from commonlm.utils import human
+from commonlm.world import World
+
+
+@contextmanager
+def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torch.optim.Optimizer,
+              metrics: Metrics, step: int) -> Iterator[None]:
+    """The training loop's body runs inside this: with train.swarm set, as a DiLoCo volunteer whose syncs happen
+    in `optimizer.step()`; else nothing changes. `step` is the loop's step on entry (for the metrics)."""
+    cfg = config.train
+    if not cfg.swarm:
+        yield
+        return
+    if world.distributed:
+        raise UserError("train.swarm: a volunteer is one process for now; start it with plain `commonlm train` "
+                        "(no torchrun), one per machine")
+    if cfg.lora_rank:
+        raise UserError("train.swarm: LoRA runs cannot join a swarm yet (the frozen base would be sent at every "
+                        "sync); set train.lora_rank=0")
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's manager logs every quorum and commit at info level
+    from torchft import Manager, ProcessGroupGloo
+    from torchft.local_sgd import DiLoCo
+
+    lighthouse = _lighthouse_url(cfg.swarm)
+    advertise = cfg.swarm_advertise or _address_towards(lighthouse)
+    store = _tcp_store(advertise)
+    timeout = timedelta(seconds=cfg.swarm_timeout)
+
+    def state_dict() -> dict[str, Any]:  # what a late or restarted volunteer fetches from a peer
+        return {"model": model.state_dict(), "inner_optimizer": optimizer.state_dict()}
+
+    def load_state_dict(state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["inner_optimizer"])
+
+    try:
+        manager = Manager(
+            pg=ProcessGroupGloo(timeout=timeout), load_state_dict=load_state_dict, state_dict=state_dict,
+            min_replica_size=cfg.swarm_min_replicas, use_async_quorum=False, timeout=timeout,
+            quorum_timeout=timedelta(seconds=cfg.swarm_quorum_timeout), connect_timeout=timeout,
+            rank=0, world_size=1, store_addr=advertise, store_port=store.port, lighthouse_addr=lighthouse,
+            port=cfg.swarm_port, hostname=advertise,
+            init_sync=False)  # (every volunteer starts from the same weights; see the module docstring)
+    except Exception as e:  # torchft's RuntimeErrors: the lighthouse not there, a port taken
+        raise UserError(f"train.swarm: cannot join the lighthouse at {cfg.swarm}: {e}. Is `commonlm swarm "
+                        f"lighthouse` running there, and reachable from this machine?") from None
+    momentum = cfg.swarm_outer_momentum
+    outer = torch.optim.SGD(model.parameters(), lr=cfg.swarm_outer_lr, momentum=momentum, nesterov=momentum > 0)
+    try:
+        with DiLoCo(manager, [model], optimizer, outer, sync_every=cfg.swarm_sync_every, pin_memory=False):
+            counter = _SyncLog(manager, model, cfg.swarm_sync_every, metrics, step)
+            hook = optimizer.register_step_post_hook(counter)  # after DiLoCo's: sees the sync that just happened
+            try:
+                yield
+            except TimeoutError as e:
+                raise UserError(f"train.swarm: no quorum within train.swarm_quorum_timeout="
+                                f"{cfg.swarm_quorum_timeout:g}s ({e}): are enough volunteers up (the lighthouse's "
+                                "--min-replicas)?") from None
+            finally:
+                hook.remove()
+    finally:
+        manager.shutdown(wait=False)
+
+
+class _SyncLog:
+    """An inner-optimizer step hook: after each outer sync, one metrics record of what it did and sent."""
+
+    def __init__(self, manager, model: nn.Module, sync_every: int, metrics: Metrics, step: int) -> None:
+        self.manager, self.sync_every, self.metrics, self.step = manager, sync_every, metrics, step
+        self.inner_steps = 0
+        self.commits = manager.current_step()
+        # what each volunteer puts into the all-reduce per sync: one pseudo-gradient per parameter, in its dtype
+        self.payload = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.sent_total = 0
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.inner_steps += 1
+        self.step += 1
+        if self.inner_steps % self.sync_every:
+            return
+        commits = self.manager.current_step()
+        committed = commits > self.commits
+        self.commits = commits
+        volunteers = self.manager.num_participants()
+        # a ring all-reduce (gloo's) sends 2(n-1)/n of the tensor from each of n participants
+        sent = round(2 * (volunteers - 1) / volunteers * self.payload) if volunteers > 1 else 0
+        self.sent_total += sent
+        self.metrics.log(
+            {"step": self.step, "swarm_sync": commits, "swarm_committed": committed, "swarm_volunteers": volunteers,
+             "swarm_payload_bytes": self.payload, "swarm_sent_bytes": sent, "swarm_sent_total": self.sent_total},
+            f"step {self.step}: outer sync {commits} {'applied' if committed else 'NOT applied (failed)'} with "
+            f"{volunteers} volunteer(s) · sent {human(sent)}B")
+
+
+def _lighthouse_url(address: str) -> str:
+    return address if address.startswith("http://") else f"http://{address}"  # (HOST:PORT: config.py checked it)
+
+
+def _address_towards(url: str) -> str:
+    """This machine's address on the interface that routes to `url`'s host: where other volunteers (who reach
+    the same lighthouse) are likeliest to reach this one. (A UDP `connect` only picks the route; nothing is sent.)"""
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    host = host.strip("[]")
+    try:
+        family = socket.getaddrinfo(host, int(port))[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, int(port)))
+            return probe.getsockname()[0]
+    except OSError as e:
+        raise UserError(f"train.swarm: no route to the lighthouse host {host} ({e}); check the address, or set "
+                        "train.swarm_advertise to this machine's address") from None
+
+
+def _tcp_store(host: str):
+    """The key-value store torchft's process group meets in (this volunteer's; the quorum uses one of them)."""
+    from torch.distributed import TCPStore
+
+    try:
+        return TCPStore(host_name=host, port=0, is_master=True, wait_for_workers=False)
+    except Exception as e:
+        raise UserError(f"train.swarm: cannot open a store on {host} ({e}); set train.swarm_advertise to an "
+                        "address of this machine") from None

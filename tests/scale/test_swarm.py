@@ -1,0 +1,184 @@
+"""Decentralized DiLoCo volunteers (scale/swarm.py) with a lighthouse (scale/lighthouse.py), as real processes.
+
+torchft's manager binds every interface, so the processes run inside `unshare -n`: a fresh network namespace
+with only a loopback device, which nothing outside can reach. Each test is one bash script that starts the
+lighthouse and the volunteers there (every process under `timeout`), and stops by itself.
+"""
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from commonlm.config import load_config
+from commonlm.data.prepare import prepare
+from commonlm.data.tokenizer import Tokenizer
+from commonlm.errors import UserError
+from commonlm.modeldir import load_model_dir
+from commonlm.train.metrics import read_metrics
+from commonlm.train.parallel import build_model, init_weights
+from commonlm.train.trainer import resolve_vocab, train
+from tests.conftest import synthetic_corpus
+from tests.procs import run_captured
+
+SMALL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=32", "train.micro_batch_size=4",
+         "train.dtype=fp32", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=3", "train.threads=1",
+         "train.lr=3e-3", "train.swarm_sync_every=3", "train.ckpt_every=3"]
+PER_PROCESS_S = 240  # the `timeout` of each process in a script (only a hung one gets there)
+
+
+def _namespace_works() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    return subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True).returncode == 0
+
+
+needs_namespace = pytest.mark.skipif(not _namespace_works(), reason="needs `unshare -n` (root, or user namespaces) "
+                                     "and iproute2: torchft binds every interface, so its tests run in a private "
+                                     "network namespace")
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory) -> list[Path]:
+    """Three volunteers' own data: different documents, one byte tokenizer."""
+    root = tmp_path_factory.mktemp("swarmdata")
+    Tokenizer.byte_level().save(root / "tok")
+    dirs = []
+    for i in range(3):
+        corpus = synthetic_corpus(root / f"corpus{i}", n_docs=30, seed=100 + i)
+        prepare([str(corpus)], root / "tok", root / f"data{i}", val_fraction=0.1, workers=1, progress=False)
+        dirs.append(root / f"data{i}")
+    return dirs
+
+
+def _config(data: Path, *overrides: str):
+    config = load_config("tiny", SMALL + list(overrides))
+    config.data.path = str(data)
+    return config
+
+
+def _volunteer(data: Path, out: Path, max_steps: int) -> str:
+    """The shell command of one volunteer, in the background; its pid lands in $!."""
+    cmd = [sys.executable, "-m", "commonlm", "train", "--config", "tiny", "--data", data, "--out", out,
+           "--swarm", "127.0.0.1:29510", "--set", *SMALL, f"train.max_steps={max_steps}"]
+    return f"timeout {PER_PROCESS_S} {shlex.join(map(str, cmd))} > {out}.log 2>&1 &"
+
+
+def _run_in_namespace(tmp_path: Path, min_replicas: int, body: str) -> str:
+    """Start a lighthouse, run `body` (which starts the volunteers and waits for them), stop the lighthouse."""
+    lighthouse = [sys.executable, "-m", "commonlm", "swarm", "lighthouse", "--bind", "127.0.0.1:29510",
+                  "--min-replicas", str(min_replicas), "--join-timeout-ms", "5000", "--heartbeat-timeout-ms", "2000"]
+    script = tmp_path / "swarm.sh"
+    script.write_text("\n".join([
+        "set -u", "ip link set lo up", "export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1",
+        f"timeout {PER_PROCESS_S} {shlex.join(lighthouse)} > {tmp_path}/lighthouse.log 2>&1 &", "LH=$!",
+        body, "kill -INT $LH; wait $LH; echo lighthouse exit $?"]))
+    proc = run_captured(["unshare", "-n", "bash", str(script)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _log_tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.exists() else f"(no {path})"
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    model, _, _ = load_model_dir(directory)
+    return model.state_dict()
+
+
+def _syncs(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "swarm_sync" in r]
+
+
+@pytest.mark.slow
+@needs_namespace
+def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = _run_in_namespace(tmp_path, 2, "\n".join([
+        _volunteer(local_data[0], a, 6), "A=$!", _volunteer(local_data[1], b, 6), "B=$!",
+        "wait $A; echo a exit $?", "wait $B; echo b exit $?"]))
+    assert "a exit 0" in out and "b exit 0" in out, out + _log_tail(Path(f"{a}.log")) + _log_tail(Path(f"{b}.log"))
+
+    for run in (a, b):
+        syncs = _syncs(run)
+        assert [(r["step"], r["swarm_sync"], r["swarm_committed"], r["swarm_volunteers"]) for r in syncs] == [
+            (3, 1, True, 2), (6, 2, True, 2)]
+        payload = syncs[0]["swarm_payload_bytes"]
+        assert payload == 4 * sum(p.numel() for p in load_model_dir(run / "final")[0].parameters())
+        assert syncs[-1]["swarm_sent_total"] == 2 * payload  # two syncs, 2(n-1)/n of it each with n = 2
+
+    # after each sync (checkpoints at steps 3 and 6) both volunteers hold the same global weights
+    for step_dir in ("checkpoints/step_000003", "checkpoints/step_000006", "final"):
+        wa, wb = _weights(a / step_dir), _weights(b / step_dir)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), step_dir
+
+    # ... and they are the outer Nesterov step on the averaged pseudo-gradients: each volunteer's weights after its
+    # own 3 inner steps come from the same run without the swarm, stopped there
+    local = []
+    for i, data in enumerate(local_data[:2]):
+        alone = train(_config(data, "train.max_steps=6"), tmp_path / f"alone{i}", stop_at_step=3)
+        local.append(_weights(alone.run_dir / "checkpoints/step_000003"))
+    config = _config(local_data[0])
+    resolve_vocab(config, Tokenizer.load(local_data[0]))
+    start = build_model(config, meta=True)
+    init_weights(start, config.train.seed, torch.device("cpu"))
+    start_weights = start.state_dict()
+    global_1 = _weights(a / "checkpoints/step_000003")
+    lr, momentum = 0.7, 0.9  # the defaults; the first Nesterov step moves by lr * (1 + momentum) * g
+    for key, w0 in start_weights.items():
+        pseudo_gradient = ((w0 - local[0][key]) + (w0 - local[1][key])) / 2
+        expected = w0 - lr * (1 + momentum) * pseudo_gradient
+        assert torch.allclose(global_1[key], expected, atol=1e-6), key
+        assert not torch.allclose(global_1[key], (local[0][key] + local[1][key]) / 2, atol=1e-4) or \
+            pseudo_gradient.abs().max() < 1e-6, key  # not merely the average of the two
+
+
+@pytest.mark.slow
+@needs_namespace
+def test_a_leaver_does_not_stop_the_others_and_a_late_joiner_heals_from_a_peer(local_data, tmp_path):
+    # A trains 3 outer rounds; B leaves after the first; C starts only after B is gone, so A's second sync waits
+    # for C (a quorum needs 2), and C, behind by one sync, fetches A's state and syncs with it from then on
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    out = _run_in_namespace(tmp_path, 2, "\n".join([
+        _volunteer(local_data[0], a, 9), "A=$!", _volunteer(local_data[1], b, 3), "B=$!",
+        "wait $B; echo b exit $?", _volunteer(local_data[2], c, 6), "C=$!",
+        "wait $C; echo c exit $?", "wait $A; echo a exit $?"]))
+    logs = "".join(_log_tail(Path(f"{run}.log")) for run in (a, b, c))
+    assert "a exit 0" in out and "b exit 0" in out and "c exit 0" in out, out + logs
+
+    assert [(r["swarm_sync"], r["swarm_volunteers"]) for r in _syncs(a)] == [(1, 2), (2, 2), (3, 2)], logs
+    assert [(r["step"], r["swarm_sync"]) for r in _syncs(b)] == [(3, 1)]
+    # C's first sync is the group's second: it healed (took the peer's count, weights and optimizers) and joined it
+    assert [(r["step"], r["swarm_sync"], r["swarm_committed"]) for r in _syncs(c)] == [(3, 2, True), (6, 3, True)]
+    wa, wc = _weights(a / "final"), _weights(c / "final")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    wa2, wc1 = _weights(a / "checkpoints/step_000006"), _weights(c / "checkpoints/step_000003")
+    assert all(torch.equal(wa2[k], wc1[k]) for k in wa2)
+
+
+def test_swarm_settings_are_checked():
+    for override, key in [("train.swarm_sync_every=0", "train.swarm_sync_every"),
+                          ("train.swarm_outer_momentum=1", "train.swarm_outer_momentum"),
+                          ("train.swarm_outer_lr=0", "train.swarm_outer_lr"),
+                          ("train.swarm_port=70000", "train.swarm_port"),
+                          ("train.swarm=nowhere", "train.swarm")]:
+        with pytest.raises(UserError, match=key):
+            load_config("tiny", ["train.swarm=127.0.0.1:29510", override]).validate()
+    load_config("tiny", ["train.swarm=[::1]:29510"]).validate()
+    load_config("tiny", ["train.swarm_sync_every=0"]).validate()  # (ignored without train.swarm)
+
+
+def test_bad_swarm_address_and_bind_are_one_line_errors(byte_data, tmp_path):
+    proc = run_captured([sys.executable, "-m", "commonlm", "train", "--config", "tiny", "--data", byte_data,
+                         "--out", tmp_path / "run", "--set", *SMALL, "--swarm", "nowhere"])
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "train.swarm='nowhere' must be the lighthouse's HOST:PORT" in said, said
+    assert "Traceback" not in said
+    proc = run_captured([sys.executable, "-m", "commonlm", "swarm", "lighthouse", "--bind", "29510"])
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "must be HOST:PORT" in said and "Traceback" not in said, said
