@@ -1,7 +1,7 @@
 """FSDP2 (train.parallel=fsdp) in two CPU processes under torchrun (gloo on 127.0.0.1): the sharded model starts
-from one process's weights bit for bit, trains like one process with the same global batch, and its DCP
-checkpoints resume exactly at two processes and correctly at one; checkpoints and the final model directory hold
-the whole (consolidated) weights."""
+from one process's weights bit for bit, trains (and fine-tunes) like one process with the same global batch, and
+its DCP checkpoints resume exactly at two processes and correctly at one (and one process's at two); checkpoints
+and the final model directory hold the whole (consolidated) weights."""
 
 import shutil
 import textwrap
@@ -16,8 +16,12 @@ from commonlm.modeldir import load_model_dir
 from commonlm.train.checkpoint import SHARDED, latest_checkpoint
 from commonlm.train.parallel import build_model
 from commonlm.train.trainer import resume_config, train
+from commonlm.tune.sft import sft_config
 from tests.procs import torchrun
 from tests.train.test_trainer import SMALL, small_config, train_losses
+from tests.tune.conftest import base_and_data as make_base_and_data
+from tests.tune.test_sft import SMALL as SFT_SMALL
+from tests.tune.test_sft import conversations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # 2 processes x micro-batch 4 x 32 tokens = 256 tokens a step; one process reaches it with 2 micro-batches
@@ -29,8 +33,10 @@ FSDP = ["train.parallel=fsdp"]
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes_at_two_and_at_one(byte_data, tmp_path):
     overrides = SMALL + STEPS + FSDP
+    # a one-process run's (sharded) checkpoint of step 3, for the two processes to continue
+    train(small_config(byte_data, *STEPS, *FSDP, "train.micro_batch_size=8"), tmp_path / "grown", stop_at_step=3)
     # one torchrun start for all of it: the initial weights, an uninterrupted run, a run stopped after step 3 (copied
-    # for the one-process resume below) and resumed, and a short bf16 (mixed-precision) run
+    # for the one-process resume below) and resumed, the one-process run continued, and a short bf16 run
     script = tmp_path / "fsdp_train.py"
     script.write_text(textwrap.dedent(f"""
         import os, shutil
@@ -63,6 +69,9 @@ def test_fsdp_matches_one_process_and_resumes_at_two_and_at_one(byte_data, tmp_p
             shutil.copytree({str(tmp_path / "split")!r}, {str(tmp_path / "shrunk")!r})
         dist.barrier()
         train(resume_config({str(tmp_path / "split")!r}), {str(tmp_path / "split")!r}, resume=True)
+        grown = resume_config({str(tmp_path / "grown")!r})
+        grown.train.micro_batch_size = 4  # (per process: the same 256 tokens a step)
+        train(grown, {str(tmp_path / "grown")!r}, resume=True)
         train(config("train.dtype=bf16", "train.max_steps=2", "train.eval_every=0"), {str(tmp_path / "bf16")!r})
     """))
     proc = torchrun(script)
@@ -96,12 +105,38 @@ def test_fsdp_matches_one_process_and_resumes_at_two_and_at_one(byte_data, tmp_p
     assert resumed.step == 6 and len(shrunk) == 6 and shrunk[:3] == sharded[:3]
     assert max(abs(a - b) for a, b in zip(shrunk, sharded)) < 1e-4, (shrunk, sharded)
     assert (tmp_path / "shrunk" / "final" / "model.safetensors").is_file()
+    grown = train_losses(tmp_path / "grown")  # and a one-process checkpoint continued by two
+    assert len(grown) == 6 and max(abs(a - b) for a, b in zip(grown, sharded)) < 1e-4, (grown, sharded)
 
     # bf16 parameters for compute, fp32 shards and reduction: close to one process under bf16 autocast
     train(small_config(byte_data, *STEPS, "train.dtype=bf16", "train.max_steps=2", "train.eval_every=0"),
           tmp_path / "single_bf16")
     mixed, autocast = train_losses(tmp_path / "bf16"), train_losses(tmp_path / "single_bf16")
     assert len(mixed) == 2 and max(abs(a - b) for a, b in zip(mixed, autocast)) < 2e-2, (mixed, autocast)
+
+
+@pytest.mark.slow
+def test_fsdp_fine_tunes_from_a_model_directory_like_one_process(tmp_path):
+    """SFT from --init (loaded whole, then sharded) on two processes: the losses of one process with both
+    micro-batches, and a consolidated final model."""
+    base, data = make_base_and_data(tmp_path, conversations(40), val_fraction=0.2)
+    overrides = SFT_SMALL + ["train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=2", *FSDP]
+    script = tmp_path / "fsdp_sft.py"
+    script.write_text(textwrap.dedent(f"""
+        from commonlm.train.trainer import train
+        from commonlm.tune.sft import sft_config
+        train(sft_config({str(base)!r}, {str(data)!r}, {overrides!r}), {str(tmp_path / "fsdp")!r}, init={str(base)!r})
+    """))
+    proc = torchrun(script)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = sft_config(str(base), str(data), overrides + ["train.micro_batch_size=4"])
+    result = train(single, tmp_path / "single", init=base)
+    sharded, one = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "single")
+    assert len(sharded) == len(one) == 4
+    assert max(abs(a - b) for a, b in zip(sharded, one)) < 1e-4, (sharded, one)
+    final, _, _ = load_model_dir(tmp_path / "fsdp" / "final")
+    for key, value in result.model.state_dict().items():
+        assert torch.allclose(final.state_dict()[key], value, atol=1e-4), key
 
 
 def test_one_process_fsdp_checkpoint_is_sharded_and_resumes_exactly(byte_data, tmp_path):
