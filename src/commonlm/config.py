@@ -108,7 +108,7 @@ class ModelConfig:
         _check(self.rope_original_len >= 0, "model.rope_original_len", self.rope_original_len,
                "must be >= 0 (0 = model.max_seq_len)")
         _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor, "model.rope_low_freq_factor",
-               self.rope_low_freq_factor, f"must be positive and below rope_high_freq_factor={self.rope_high_freq_factor}")
+               self.rope_low_freq_factor, f"must be in (0, rope_high_freq_factor={self.rope_high_freq_factor})")
         _check(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast", self.rope_beta_fast,
                f"must exceed rope_beta_slow={self.rope_beta_slow} > 0")
         _check(self.sliding_window >= 0, "model.sliding_window", self.sliding_window, "must be >= 0 (0 = off)")
@@ -195,6 +195,8 @@ class TrainConfig:
     swarm_sync_every: int = 100  # H: inner steps between outer syncs (make max_steps a multiple of it)
     swarm_outer_lr: float = 0.7  # outer SGD on the averaged pseudo-gradients (the DiLoCo paper's values)
     swarm_outer_momentum: float = 0.9  # Nesterov; 0: plain averaging steps
+    # what a pseudo-gradient is sent as: fp32 (none), or bf16 with error feedback (half the bytes)
+    swarm_compress: Literal["none", "bf16"] = "none"
     swarm_min_replicas: int = 1  # apply an outer step only when at least this many volunteers took part
     swarm_timeout: float = 120.0  # seconds for an all-reduce, a commit, fetching a peer's state, connecting
     swarm_quorum_timeout: float = 3600.0  # seconds a sync waits for the lighthouse's quorum (others are slower)

@@ -61,10 +61,10 @@ def _config(data: Path, *overrides: str):
     return config
 
 
-def _volunteer(data: Path, out: Path, max_steps: int) -> str:
+def _volunteer(data: Path, out: Path, max_steps: int, *overrides: str) -> str:
     """The shell command of one volunteer, in the background; its pid lands in $!."""
     cmd = [sys.executable, "-m", "commonlm", "train", "--config", "tiny", "--data", data, "--out", out,
-           "--swarm", "127.0.0.1:29510", "--set", *SMALL, f"train.max_steps={max_steps}"]
+           "--swarm", "127.0.0.1:29510", "--set", *SMALL, f"train.max_steps={max_steps}", *overrides]
     return f"timeout {PER_PROCESS_S} {shlex.join(map(str, cmd))} > {out}.log 2>&1 &"
 
 
@@ -97,10 +97,12 @@ def _syncs(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 @needs_namespace
-def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local_data, tmp_path):
+@pytest.mark.parametrize("compress", ["none", "bf16"])
+def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local_data, tmp_path, compress):
     a, b = tmp_path / "a", tmp_path / "b"
+    setting = f"train.swarm_compress={compress}"
     out = _run_in_namespace(tmp_path, 2, "\n".join([
-        _volunteer(local_data[0], a, 6), "A=$!", _volunteer(local_data[1], b, 6), "B=$!",
+        _volunteer(local_data[0], a, 6, setting), "A=$!", _volunteer(local_data[1], b, 6, setting), "B=$!",
         "wait $A; echo a exit $?", "wait $B; echo b exit $?"]))
     assert "a exit 0" in out and "b exit 0" in out, out + _log_tail(Path(f"{a}.log")) + _log_tail(Path(f"{b}.log"))
 
@@ -109,8 +111,10 @@ def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local
         assert [(r["step"], r["swarm_sync"], r["swarm_committed"], r["swarm_volunteers"]) for r in syncs] == [
             (3, 1, True, 2), (6, 2, True, 2)]
         payload = syncs[0]["swarm_payload_bytes"]
-        assert payload == 4 * sum(p.numel() for p in load_model_dir(run / "final")[0].parameters())
+        bytes_per_value = 2 if compress == "bf16" else 4
+        assert payload == bytes_per_value * sum(p.numel() for p in load_model_dir(run / "final")[0].parameters())
         assert syncs[-1]["swarm_sent_total"] == 2 * payload  # two syncs, 2(n-1)/n of it each with n = 2
+    assert _syncs(a)[0]["swarm_payload_bytes"] == _syncs(b)[0]["swarm_payload_bytes"]
 
     # after each sync (checkpoints at steps 3 and 6) both volunteers hold the same global weights
     for step_dir in ("checkpoints/step_000003", "checkpoints/step_000006", "final"):
@@ -131,11 +135,14 @@ def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local
     global_1 = _weights(a / "checkpoints/step_000003")
     lr, momentum = 0.7, 0.9  # the defaults; the first Nesterov step moves by lr * (1 + momentum) * g
     for key, w0 in start_weights.items():
-        pseudo_gradient = ((w0 - local[0][key]) + (w0 - local[1][key])) / 2
-        expected = w0 - lr * (1 + momentum) * pseudo_gradient
-        assert torch.allclose(global_1[key], expected, atol=1e-6), key
-        assert not torch.allclose(global_1[key], (local[0][key] + local[1][key]) / 2, atol=1e-4) or \
-            pseudo_gradient.abs().max() < 1e-6, key  # not merely the average of the two
+        pseudo_gradients = (w0 - local[0][key], w0 - local[1][key])
+        expected = w0 - lr * (1 + momentum) * (pseudo_gradients[0] + pseudo_gradients[1]) / 2
+        # bf16: each pseudo-gradient rounded once, their sum once more (a relative 2^-8 each), times the step
+        rounding = lr * (1 + momentum) * (pseudo_gradients[0].abs() + pseudo_gradients[1].abs()) * 2 ** -8
+        allowed = 1e-6 + (rounding if compress == "bf16" else 0)
+        assert ((global_1[key] - expected).abs() <= allowed).all(), key
+        if compress == "bf16":  # (and the rounding did happen: not the fp32 result)
+            assert not torch.equal(global_1[key], expected) or pseudo_gradients[0].abs().max() == 0, key
 
 
 @pytest.mark.slow
@@ -161,12 +168,43 @@ def test_a_leaver_does_not_stop_the_others_and_a_late_joiner_heals_from_a_peer(l
     assert all(torch.equal(wa2[k], wc1[k]) for k in wa2)
 
 
+def test_bf16_pseudo_gradients_round_trip_within_bf16_and_error_feedback_carries_the_remainder():
+    from torchft.work import _DummyWork  # an all-reduce over one volunteer: the tensor as it is
+
+    from commonlm.scale.swarm import _Bf16WithErrorFeedback
+
+    sent_shapes = []
+
+    def allreduce(tensor, should_quantize=False):
+        sent_shapes.append((tensor.dtype, tuple(tensor.shape)))
+        return _DummyWork(tensor)
+
+    generator = torch.Generator().manual_seed(0)
+    compress = _Bf16WithErrorFeedback(allreduce, count=2)
+    truth = [torch.zeros(300), torch.zeros(7, 5)]
+    received = [torch.zeros(300), torch.zeros(7, 5)]
+    for sync in range(20):
+        for i, shape in enumerate([(300,), (7, 5)]):
+            pseudo_gradient = torch.randn(shape, generator=generator) * (1 + 1e-3 * sync)
+            tensor = pseudo_gradient.clone()
+            compress(tensor).wait()
+            # one sync: within one bf16 rounding of what was to be sent (this gradient plus the carried remainder)
+            assert torch.allclose(tensor, pseudo_gradient, rtol=2 ** -7, atol=2 ** -7)
+            truth[i] += pseudo_gradient
+            received[i] += tensor
+    assert sent_shapes[:2] == [(torch.bfloat16, (300,)), (torch.bfloat16, (7, 5))]
+    for i in range(2):
+        # over 20 syncs the rounding errors do not add up: what arrived is the truth less the last remainder only
+        assert torch.allclose(received[i] + compress.residuals[i], truth[i], atol=1e-5)
+
+
 def test_swarm_settings_are_checked():
     for override, key in [("train.swarm_sync_every=0", "train.swarm_sync_every"),
                           ("train.swarm_outer_momentum=1", "train.swarm_outer_momentum"),
                           ("train.swarm_outer_lr=0", "train.swarm_outer_lr"),
                           ("train.swarm_port=70000", "train.swarm_port"),
-                          ("train.swarm=nowhere", "train.swarm")]:
+                          ("train.swarm=nowhere", "train.swarm"),
+                          ("train.swarm_compress=int8", "swarm_compress")]:
         with pytest.raises(UserError, match=key):
             load_config("tiny", ["train.swarm=127.0.0.1:29510", override]).validate()
     load_config("tiny", ["train.swarm=[::1]:29510"]).validate()

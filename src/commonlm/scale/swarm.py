@@ -34,6 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from commonlm.config import RunConfig
@@ -85,11 +86,14 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
     except Exception as e:  # torchft's RuntimeErrors: the lighthouse not there, a port taken
         raise UserError(f"train.swarm: cannot join the lighthouse at {cfg.swarm}: {e}. Is `commonlm swarm "
                         f"lighthouse` running there, and reachable from this machine?") from None
+    if cfg.swarm_compress == "bf16":
+        # (the method DiLoCo sends the pseudo-gradients by, one parameter at a time)
+        manager.allreduce = _Bf16WithErrorFeedback(manager.allreduce, len(list(model.parameters())))
     momentum = cfg.swarm_outer_momentum
     outer = torch.optim.SGD(model.parameters(), lr=cfg.swarm_outer_lr, momentum=momentum, nesterov=momentum > 0)
     try:
         with DiLoCo(manager, [model], optimizer, outer, sync_every=cfg.swarm_sync_every, pin_memory=False):
-            counter = _SyncLog(manager, model, cfg.swarm_sync_every, metrics, step)
+            counter = _SyncLog(manager, model, cfg.swarm_sync_every, metrics, step, cfg.swarm_compress)
             hook = optimizer.register_step_post_hook(counter)  # after DiLoCo's: sees the sync that just happened
             try:
                 yield
@@ -106,12 +110,13 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
 class _SyncLog:
     """An inner-optimizer step hook: after each outer sync, one metrics record of what it did and sent."""
 
-    def __init__(self, manager, model: nn.Module, sync_every: int, metrics: Metrics, step: int) -> None:
+    def __init__(self, manager, model: nn.Module, sync_every: int, metrics: Metrics, step: int, compress: str) -> None:
         self.manager, self.sync_every, self.metrics, self.step = manager, sync_every, metrics, step
         self.inner_steps = 0
         self.commits = manager.current_step()
         # what each volunteer puts into the all-reduce per sync: one pseudo-gradient per parameter, in its dtype
-        self.payload = sum(p.numel() * p.element_size() for p in model.parameters())
+        # or in bf16
+        self.payload = sum(p.numel() * (2 if compress == "bf16" else p.element_size()) for p in model.parameters())
         self.sent_total = 0
 
     def __call__(self, optimizer, args, kwargs) -> None:
@@ -131,6 +136,43 @@ class _SyncLog:
              "swarm_payload_bytes": self.payload, "swarm_sent_bytes": sent, "swarm_sent_total": self.sent_total},
             f"step {self.step}: outer sync {commits} {'applied' if committed else 'NOT applied (failed)'} with "
             f"{volunteers} volunteer(s) · sent {human(sent)}B")
+
+
+class _Bf16WithErrorFeedback:
+    """Manager.allreduce with the tensor sent in bf16, half the bytes of fp32. What rounding to bf16 loses of a
+    pseudo-gradient is kept and added to the same parameter's pseudo-gradient at the next sync (error feedback),
+    so that over several syncs nothing is lost for good. DiLoCo all-reduces the `count` parameters in the same
+    order at every sync, which is how a residual finds its parameter again."""
+
+    def __init__(self, allreduce, count: int) -> None:
+        self.allreduce, self.count = allreduce, count
+        self.residuals: list[torch.Tensor | None] = [None] * count
+        self.calls = 0
+
+    def __call__(self, tensor: torch.Tensor, should_quantize: bool = False, **kwargs) -> dist.Work:
+        index = self.calls % self.count
+        self.calls += 1
+        residual = self.residuals[index]
+        corrected = tensor if residual is None else tensor + residual
+        sent = corrected.to(torch.bfloat16)
+        self.residuals[index] = corrected - sent.float()
+        return _Restored(self.allreduce(sent, should_quantize, **kwargs), sent, tensor)
+
+
+class _Restored(dist.Work):
+    """The all-reduce of a bf16 copy, whose result lands in the fp32 tensor DiLoCo reads once it has waited."""
+
+    def __init__(self, work: dist.Work, sent: torch.Tensor, target: torch.Tensor) -> None:
+        super().__init__()
+        self.work, self.sent, self.target = work, sent, target
+
+    def wait(self, timeout=None) -> bool:
+        self.work.wait()  # (torchft's work divides by the number of volunteers here)
+        self.target.copy_(self.sent)
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        return self.work.get_future().then(lambda _: self.target.copy_(self.sent))
 
 
 def _lighthouse_url(address: str) -> str:
