@@ -56,9 +56,9 @@ def test_import_is_exact_and_exports_back(kind, tmp_path):
 def test_refuses_rope_scaling_it_does_not_implement(tmp_path):
     make_reference("llama", tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 8.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="rope_scaling.rope_type='llama3'"):
+    with pytest.raises(UserError, match="rope_scaling.rope_type='longrope'"):
         import_hf(tmp_path / "hf", tmp_path / "ours")
     assert not (tmp_path / "ours").exists()
 

@@ -6,9 +6,12 @@ directory back. The families:
 
 - gpt2:    GPT2LMHeadModel    (learned positions, LayerNorm, GELU, biases, Conv1D = transposed weights)
 - llama:   LlamaForCausalLM   (RoPE, RMSNorm, SwiGLU, GQA; optional biases everywhere)
-- mistral: MistralForCausalLM (as llama, no biases)
-- qwen2:   Qwen2ForCausalLM   (as llama, biases on q/k/v only)
-- qwen3:   Qwen3ForCausalLM   (as llama, no biases, RMS QK-norm per head)
+- mistral: MistralForCausalLM (as llama, no biases; sliding window on every layer)
+- qwen2:   Qwen2ForCausalLM   (as llama, biases on q/k/v only; sliding window after max_window_layers)
+- qwen3:   Qwen3ForCausalLM   (as qwen2, no biases, RMS QK-norm per head)
+
+The four RoPE families carry RoPE scaling in `rope_parameters` (linear, dynamic, yarn, llama3; the older
+`rope_scaling` key is read too, as Llama 3.1's and Qwen2.5's own files have it).
 
 Each family has one name table (`NAMES`), read by saving, loading and importing alike, and one pair of
 config translations (`hf_config` out, `model_config_from_hf` in). The directory fails closed:
@@ -21,6 +24,7 @@ else (a new part, a field the class lacks) is saved with our own names ("native"
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -90,16 +94,111 @@ def hf_config(c: ModelConfig, eos_id: int | None = None, pad_id: int | None = No
         "hidden_size": c.d_model, "intermediate_size": c.ff_dim, "num_hidden_layers": c.n_layer,
         "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.dim_head,
         "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
-        "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_theta": c.rope_theta, "rope_parameters": _rope_parameters(c),
         "attention_bias": c.bias, "attention_dropout": c.dropout,
     }
+    if c.rope_scaling == "dynamic":  # transformers grows the base beyond max_position_embeddings
+        out["max_position_embeddings"] = c.rope_original_len or c.max_seq_len
+    window = c.sliding_window or None
     if c.family == "llama":
         out["mlp_bias"] = c.bias
     elif c.family == "mistral":
-        out["sliding_window"] = None
-    else:
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layer)
+        out["sliding_window"] = window
+    else:  # qwen2/qwen3: the first max_window_layers layers attend fully, the others within the window
+        out.update(use_sliding_window=bool(window), sliding_window=window,
+                   max_window_layers=c.full_attention_layers if window else c.n_layer)
     return out
+
+
+def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
+    """transformers' `rope_parameters`: the type and what that type reads (modeling_rope_utils.py)."""
+    params: dict[str, Any] = {"rope_type": "default" if c.rope_scaling == "none" else c.rope_scaling,
+                              "rope_theta": c.rope_theta}
+    if c.rope_scaling != "none":
+        params["factor"] = c.rope_factor
+    if c.rope_scaling in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = c.rope_original_len or c.max_seq_len
+    if c.rope_scaling == "llama3":
+        params.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor)
+    if c.rope_scaling == "yarn":
+        params.update(beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow, truncate=c.rope_truncate)
+        if c.rope_attention_factor:
+            params["attention_factor"] = c.rope_attention_factor
+    return params
+
+
+# what each RoPE type reads from rope_parameters (rope_scaling in older files), beside rope_type and rope_theta
+ROPE_KEYS = {
+    "default": set(), "linear": {"factor"}, "dynamic": {"factor"},
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+    "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"},
+}
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's rope_* fields (and max_seq_len) from a config.json, or a UserError naming what we lack."""
+    spec = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})  # (transformers' order of precedence)
+    kind = spec.pop("rope_type", None) or spec.pop("type", None) or "default"
+    spec.pop("type", None)
+    theta = float(spec.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
+    if kind not in ROPE_KEYS:
+        raise _refuse("rope_scaling.rope_type", kind, f"supported: {', '.join(ROPE_KEYS)}")
+    partial = spec.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise _refuse("partial_rotary_factor", partial, "rotary embedding over whole heads only")
+    required = {"default": set(), "llama3": {"factor", "low_freq_factor", "high_freq_factor"}}.get(kind, {"factor"})
+    missing = sorted(key for key in required if spec.get(key) is None)
+    if missing:
+        raise _refuse(f"rope_scaling.{missing[0]}", None, f"{kind} RoPE needs it")
+    unknown = sorted(set(spec) - ROPE_KEYS[kind])
+    if unknown:
+        raise _refuse(f"rope_scaling.{unknown[0]}", spec[unknown[0]], f"not read by {kind} RoPE here")
+    context = cfg.get("max_position_embeddings", 2048)
+    out: dict[str, Any] = {"rope_theta": theta, "max_seq_len": context}
+    if kind == "default":
+        return out
+    factor = float(spec["factor"])
+    out.update(rope_scaling=kind, rope_factor=factor)
+    if kind == "dynamic":  # the context it was made for: factor x the original, where the base has grown factor-fold
+        out.update(rope_original_len=context, max_seq_len=round(factor * context))
+    if kind in ("llama3", "yarn"):
+        out["rope_original_len"] = spec.get("original_max_position_embeddings") or context
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(spec["low_freq_factor"]),
+                   rope_high_freq_factor=float(spec["high_freq_factor"]))
+    if kind == "yarn":
+        out.update(rope_beta_fast=float(spec.get("beta_fast") or 32.0),
+                   rope_beta_slow=float(spec.get("beta_slow") or 1.0), rope_truncate=bool(spec.get("truncate", True)))
+        attention_factor = spec.get("attention_factor")
+        mscale, mscale_all_dim = spec.get("mscale"), spec.get("mscale_all_dim")
+        if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's form, folded into the factor
+            def get_mscale(m: float) -> float:
+                return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+            attention_factor = get_mscale(mscale) / get_mscale(mscale_all_dim)
+        out["rope_attention_factor"] = float(attention_factor or 0.0)
+    return out
+
+
+def _window_from_hf(kind: str, cfg: dict[str, Any], n_layer: int) -> dict[str, int]:
+    """sliding_window and full_attention_layers, as transformers applies Mistral's and Qwen2/3's fields."""
+    window = cfg.get("sliding_window")
+    if kind == "llama" or not window or (kind != "mistral" and not cfg.get("use_sliding_window")):
+        window = None
+    if kind == "mistral":
+        full = 0
+    else:
+        full = min(n_layer, cfg.get("max_window_layers", 28)) if window else n_layer
+        layer_types = cfg.get("layer_types")
+        if layer_types is not None:  # (saved by transformers beside the fields it came from: it decides)
+            full = sum(t == "full_attention" for t in layer_types)
+            expected = ["full_attention"] * full + ["sliding_attention"] * (n_layer - full)
+            if layer_types != expected or (full < n_layer and not window):
+                raise _refuse("layer_types", layer_types, "full-attention layers first, then sliding ones")
+    if not window or full >= n_layer:
+        return {"sliding_window": 0, "full_attention_layers": 0}
+    return {"sliding_window": int(window), "full_attention_layers": full}
 
 
 def _refuse(field: str, value: Any, why: str) -> UserError:
@@ -140,15 +239,6 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     act = get("hidden_act", "silu")
     if act != "silu":
         raise _refuse("hidden_act", act, "only SwiGLU (silu) MLPs are implemented")
-    scaling = get("rope_scaling") or {}
-    params = get("rope_parameters") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
-    if rope_type not in ("default", None):
-        raise _refuse("rope_scaling.rope_type", rope_type, "only plain RoPE is implemented")
-    theta = params.get("rope_theta", get("rope_theta", 10000.0))
-    window = get("sliding_window")
-    if get("use_sliding_window", kind == "mistral") and window and window < get("max_position_embeddings"):
-        raise _refuse("sliding_window", window, "sliding-window attention is not implemented")
     attention_bias = bool(get("attention_bias", False))
     if kind == "llama" and attention_bias != bool(get("mlp_bias", False)):
         raise _refuse("mlp_bias", get("mlp_bias"), "attention_bias and mlp_bias must be equal")
@@ -159,7 +249,7 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         family=kind, vocab_size=get("vocab_size"), n_layer=get("num_hidden_layers"), n_head=heads,
         n_kv_head=get("num_key_value_heads") or heads, d_model=get("hidden_size"),
         head_dim=get("head_dim") or 0, d_ff=get("intermediate_size"),
-        max_seq_len=get("max_position_embeddings", 2048), pos_emb="rope", rope_theta=float(theta), norm="rmsnorm",
+        pos_emb="rope", **_rope_from_hf(cfg), **_window_from_hf(kind, cfg, get("num_hidden_layers")), norm="rmsnorm",
         norm_eps=get("rms_norm_eps", 1e-6), mlp="swiglu", qk_norm=kind == "qwen3",
         bias=attention_bias if kind == "llama" else False, qkv_bias=kind == "qwen2",
         tie_embeddings=get("tie_word_embeddings", kind == "qwen3"), init_std=get("initializer_range", 0.02),
@@ -186,7 +276,8 @@ def hf_incompatibility(c: ModelConfig, state: dict[str, torch.Tensor] | None = N
 
 def _resolved(c: ModelConfig) -> ModelConfig:
     """`c` with the derived sizes spelled out (0 = "from the other fields" in ModelConfig)."""
-    return dataclasses.replace(c, n_kv_head=c.kv_heads, head_dim=c.dim_head, d_ff=c.ff_dim)
+    return dataclasses.replace(c, n_kv_head=c.kv_heads, head_dim=c.dim_head, d_ff=c.ff_dim,
+                               rope_original_len=c.rope_original_len or c.max_seq_len)
 
 
 def _tensor_mismatch(c: ModelConfig, state: dict[str, torch.Tensor]) -> str | None:

@@ -1,7 +1,8 @@
 """The one decoder-only transformer. GPT-2, Llama and Qwen3 shapes are config switches of this file.
 
 Switches (see `ModelConfig`): learned or rotary positions, LayerNorm or RMSNorm, GELU or SwiGLU MLP,
-multi-head or grouped-query attention, QK-norm, biases, tied embeddings. Attention runs through
+multi-head or grouped-query attention, QK-norm, biases, tied embeddings, RoPE scaling (linear, dynamic NTK,
+YaRN, Llama 3: `rope_frequencies`), sliding-window attention (`window_mask`). Attention runs through
 `F.scaled_dot_product_attention`, which picks flash/memory-efficient kernels on GPU.
 
 Layout choices that matter elsewhere:
@@ -53,27 +54,99 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-class Rotary(nn.Module):
-    """Precomputed cos/sin tables for rotary position embeddings (non-persistent buffers)."""
+def rope_frequencies(config: ModelConfig, seq_len: int = 0) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [head_dim / 2] and the factor cos/sin are scaled by, for `config.rope_scaling`.
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    Computed as transformers 5.24 computes them (modeling_rope_utils.py), in fp32 as it does, so imported
+    models keep their logits. `seq_len` matters to dynamic NTK only: the largest position + 1 of a forward
+    pass; beyond `rope_original_len` the base grows with it (below it, plain RoPE).
+    """
+    c, dim = config, config.dim_head
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (c.rope_theta**exponents)
+    original = c.rope_original_len or c.max_seq_len
+    if c.rope_scaling == "linear":
+        return inv_freq / c.rope_factor, 1.0
+    if c.rope_scaling == "dynamic":
+        if seq_len <= original:
+            return inv_freq, 1.0
+        # (the length as a tensor, as transformers has it: the new base is computed in fp32)
+        growth = (c.rope_factor * torch.tensor(seq_len) / original - (c.rope_factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / ((c.rope_theta * growth) ** exponents), 1.0
+    if c.rope_scaling == "llama3":
+        # long wavelengths (beyond original / low_freq_factor) are interpolated by the factor, short ones
+        # (below original / high_freq_factor) kept, and those between blended linearly in original / wavelength
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = original / c.rope_low_freq_factor, original / c.rope_high_freq_factor
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / c.rope_factor, inv_freq)
+        blend = (original / wavelen - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)
+        smoothed = (1 - blend) * scaled / c.rope_factor + blend * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if c.rope_scaling == "yarn":
+        # dimensions that turn more than beta_fast times over the original context keep their frequency, those
+        # under beta_slow times are interpolated, a linear ramp between; attention sharpens by the cos/sin factor
+        def dimension_of(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+
+        low, high = dimension_of(c.rope_beta_fast), dimension_of(c.rope_beta_slow)
+        if c.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        powers = c.rope_theta ** (torch.arange(0, dim, 2).float() / dim)
+        keep = 1 - ramp
+        inv_freq = 1.0 / (c.rope_factor * powers) * (1 - keep) + 1.0 / powers * keep
+        default_factor = 0.1 * math.log(c.rope_factor) + 1.0 if c.rope_factor > 1 else 1.0
+        return inv_freq, c.rope_attention_factor or default_factor
+    return inv_freq, 1.0
+
+
+class Rotary(nn.Module):
+    """Precomputed cos/sin tables for rotary position embeddings (non-persistent buffers), RoPE scaling applied.
+
+    Dynamic NTK scaling depends on the sequence: a forward pass whose largest position reaches beyond
+    `rope_original_len` rotates all its tokens with frequencies for that length, computed on the spot. With a KV
+    cache, the keys already stored keep the rotation they were stored with, and each decoding step rotates its
+    new tokens for its own length: what transformers does during generation. (Between separate calls,
+    transformers also keeps the largest length it has seen until a call falls back below the original context;
+    here each call depends on its own positions only.)
+    """
+
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        cos, sin = self._tables(max_seq_len)
+        self.config = config
+        self.dynamic = config.rope_scaling == "dynamic"
+        cos, sin = self._tables(config.max_seq_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
-        freqs = torch.outer(torch.arange(length, dtype=torch.int64).float(), inv_freq)
+    def _tables(self, length: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions 0..length-1, unscaled by dynamic NTK; or for `positions` (the largest + 1 is
+        `length`) with dynamic NTK at that length."""
+        inv_freq, scale = rope_frequencies(self.config, 0 if positions is None else length)
+        if positions is None:
+            positions = torch.arange(length, dtype=torch.int64)
+        inv_freq = inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos() * scale, emb.sin() * scale
+
+    def _beyond_original(self, length: int) -> bool:
+        return self.dynamic and length > (self.config.rope_original_len or self.config.max_seq_len)
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._beyond_original(start + length):
+            cos, sin = self._tables(start + length, torch.arange(start, start + length, device=self.cos.device))
+            return cos.to(self.cos.dtype), sin.to(self.sin.dtype)
         return self.cos[start : start + length], self.sin[start : start + length]
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for explicit positions [B, T] (each sequence of a batch at its own offset)."""
+        if self.dynamic and self._beyond_original(length := int(positions.max()) + 1):  # (a host sync: dynamic only)
+            cos, sin = self._tables(length, positions)
+            return cos.to(self.cos.dtype), sin.to(self.sin.dtype)
         return self.cos[positions], self.sin[positions]
 
 
@@ -87,6 +160,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + swapped * sin
 
 
+def window_mask(mask: torch.Tensor | None, T: int, S: int, window: int, device: torch.device) -> torch.Tensor:
+    """Which of S keys each of T queries sees with a sliding window: what it saw (`mask`, or causal when None)
+    limited to its own key and the window - 1 before it (transformers: kv_idx > q_idx - window).
+
+    A query's own key is the last one it sees: this holds for every cache (keys stored from position 0) and for
+    packed rows (each sequence's keys in a run), so the window needs no positions, and a cache keeps every key.
+    """
+    keys = torch.arange(S, device=device)
+    if mask is None:  # causal (T = S), or one query over all S keys: query t is key S - T + t
+        own = torch.arange(S - T, S, device=device)[:, None]
+        mask = keys <= own
+    else:
+        own = (mask * keys).amax(-1, keepdim=True)
+    return mask & (keys > own - window)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -98,6 +187,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        # sliding-window attention on this layer (Qwen2 keeps its first full_attention_layers layers whole)
+        self.window = config.sliding_window if layer >= config.full_attention_layers else 0
 
     @property
     def cache_shape(self) -> tuple[int, int]:
@@ -129,6 +220,8 @@ class Attention(nn.Module):
             # the cache returns all keys so far and, when earlier keys exist, which ones each query sees
             k, v, mask = cache.update(self.layer, k, v)
             causal = mask is None and k.shape[2] == T  # (one new query over earlier keys: no mask at all)
+        if self.window and k.shape[2] > self.window:
+            mask, causal = window_mask(mask, T, k.shape[2], self.window, k.device), False
         if self.n_kv_head != self.n_head:
             repeat = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -167,7 +260,7 @@ def make_mlp(config: ModelConfig) -> nn.Module:
 
 
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
-    """The attention of one block. Another variant (latent attention, sliding windows) plugs in here: it
+    """The attention of one block. Another variant (latent attention) plugs in here: it
     takes (x, rope, cache), returns the output (or `(output, aux_losses)`), and declares `cache_shape`."""
     return Attention(config, layer)
 
@@ -208,7 +301,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_emb == "learned" else None
         self.rotary = (
-            Rotary(config.dim_head, config.max_seq_len, config.rope_theta) if config.pos_emb == "rope" else None
+            Rotary(config) if config.pos_emb == "rope" else None
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
