@@ -76,9 +76,9 @@ def _run_in_namespace(tmp_path: Path, min_replicas: int, body: str) -> str:
     script.write_text("\n".join([
         "set -u", "ip link set lo up", "export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1",
         f"timeout {PER_PROCESS_S} {shlex.join(lighthouse)} > {tmp_path}/lighthouse.log 2>&1 &", "LH=$!",
-        body, "kill -INT $LH; wait $LH; echo lighthouse exit $?"]))
+        body, "kill -TERM $LH; wait $LH; echo lighthouse exit $?"]))
     proc = run_captured(["unshare", "-n", "bash", str(script)])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "lighthouse exit 0" in proc.stdout, proc.stdout + proc.stderr
     return proc.stdout
 
 

@@ -18,8 +18,10 @@ from commonlm.utils import console
 
 def run_lighthouse(bind: str, min_replicas: int, join_timeout_ms: int, heartbeat_timeout_ms: int) -> None:
     """Serve on `bind` (HOST:PORT) until SIGINT or SIGTERM."""
-    from torchft.coordination import LighthouseServer
-
+    try:
+        from torchft.coordination import LighthouseServer
+    except ImportError as e:
+        raise UserError(f"swarm lighthouse needs torchft ({e}): pip install torchft==0.2.0") from None
     if min_replicas < 1:
         raise UserError(f"swarm lighthouse: --min-replicas {min_replicas} must be at least 1")
     host, _, port = bind.rpartition(":")
@@ -45,8 +47,8 @@ def run_lighthouse(bind: str, min_replicas: int, join_timeout_ms: int, heartbeat
 
 
 def _reachable(bind: str, address: str) -> str:
-    """HOST:PORT for volunteers: the bound host, or the address torchft reports when bound to every interface."""
-    host, _, port = bind.rpartition(":")
-    if host in ("0.0.0.0", "[::]", "::"):
-        return address.removeprefix("http://")
-    return f"{host}:{port}"
+    """HOST:PORT for volunteers: the bound host (or, bound to every interface, the host torchft reports) and the
+    port listened on (the one torchft picked for port 0)."""
+    host = bind.rpartition(":")[0]
+    reported_host, _, port = address.removeprefix("http://").rpartition(":")
+    return f"{reported_host if host in ('0.0.0.0', '[::]', '::') else host}:{port}"

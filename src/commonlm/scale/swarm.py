@@ -60,8 +60,7 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
         raise UserError("train.swarm: LoRA runs cannot join a swarm yet (the frozen base would be sent at every "
                         "sync); set train.lora_rank=0")
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's manager logs every quorum and commit at info level
-    from torchft import Manager, ProcessGroupGloo
-    from torchft.local_sgd import DiLoCo
+    Manager, ProcessGroupGloo, DiLoCo = _torchft()
 
     lighthouse = _lighthouse_url(cfg.swarm)
     advertise = cfg.swarm_advertise or _address_towards(lighthouse)
@@ -105,6 +104,15 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
                 hook.remove()
     finally:
         manager.shutdown(wait=False)
+
+
+def _torchft():
+    try:
+        from torchft import Manager, ProcessGroupGloo
+        from torchft.local_sgd import DiLoCo
+    except ImportError as e:
+        raise UserError(f"train.swarm needs torchft ({e}): pip install torchft==0.2.0") from None
+    return Manager, ProcessGroupGloo, DiLoCo
 
 
 class _SyncLog:
