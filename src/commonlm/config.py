@@ -148,6 +148,13 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: off
+    # muon: Muon for the 2-D hidden weights, AdamW (the settings above) for embeddings, head, norms, biases (optim.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per step
+    muon_adjust_lr: Literal["match_rms_adamw", "original"] = "match_rms_adamw"  # match_rms_adamw: AdamW's lr fits
+    muon_lr_ratio: float = 1.0  # Muon's lr = this x the schedule's lr
     compile: bool = False
     activation_checkpointing: bool = False
     eval_every: int = 200  # 0: only at the end
@@ -217,6 +224,13 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
         _check(self.eps > 0, "train.eps", self.eps, "must be positive")
+        _check(0 <= self.muon_momentum < 1, "train.muon_momentum", self.muon_momentum, "must be in [0, 1)")
+        _check(1 <= self.muon_ns_steps < 100, "train.muon_ns_steps", self.muon_ns_steps, "must be in [1, 100)")
+        _check(self.muon_lr_ratio > 0, "train.muon_lr_ratio", self.muon_lr_ratio, "must be positive")
+        _check(self.optimizer == "adamw" or self.parallel == "ddp", "train.optimizer", self.optimizer,
+               "does not shard yet (Newton-Schulz needs whole matrices): use train.parallel=ddp, or optimizer=adamw")
+        _check(self.optimizer == "adamw" or not self.swarm, "train.optimizer", self.optimizer,
+               "is not a swarm volunteer's inner optimizer yet: use train.optimizer=adamw with train.swarm")
         if self.objective == "grpo":
             self._validate_grpo()
         if self.swarm:
