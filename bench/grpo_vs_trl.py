@@ -34,12 +34,13 @@ import torch  # noqa: E402
 from common import load_average, machine, markdown_table, median, setup_threads  # noqa: E402
 
 from commonlm.config import ModelConfig, RunConfig  # noqa: E402
-from commonlm.data.arithmetic import problems, prompt_records, write_jsonl  # noqa: E402
+from commonlm.data.arithmetic import problems, prompt_records  # noqa: E402
 from commonlm.data.prompts import prepare_prompts  # noqa: E402
 from commonlm.data.tokenizer import Tokenizer  # noqa: E402
 from commonlm.model.decoder import Decoder  # noqa: E402
 from commonlm.modeldir import save_model_dir  # noqa: E402
 from commonlm.train.metrics import read_metrics  # noqa: E402
+from commonlm.utils import write_jsonl  # noqa: E402
 
 # the reward of both runs: the share of digits in a completion (a user's reward file, loaded as `--reward` does)
 REWARD = """

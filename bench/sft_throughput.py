@@ -45,7 +45,7 @@ from dpo_vs_trl import small_llama  # noqa: E402
 
 from commonlm.config import apply_overrides, config_from_dict  # noqa: E402
 from commonlm.data.chat import ChatData, prepare_chat  # noqa: E402
-from commonlm.data.instructions import build_instructions, write_jsonl  # noqa: E402
+from commonlm.data.instructions import build_instructions  # noqa: E402
 from commonlm.data.prepare import prepare  # noqa: E402
 from commonlm.data.tokenizer import Tokenizer  # noqa: E402
 from commonlm.model.decoder import Decoder  # noqa: E402
@@ -54,6 +54,7 @@ from commonlm.modeldir import read_run_config  # noqa: E402
 from commonlm.runtime import autocast  # noqa: E402
 from commonlm.train.metrics import read_metrics  # noqa: E402
 from commonlm.tune.sft import rows  # noqa: E402
+from commonlm.utils import write_jsonl  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

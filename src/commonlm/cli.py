@@ -248,13 +248,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _inference_model(args: argparse.Namespace):
     """Load a model for generating, chatting or serving, in the dtype and quantization asked for."""
-    import torch
-
     from commonlm.api import load
     from commonlm.infer.packed import can_pack, pack_linears
     from commonlm.runtime import pick_dtype
 
     lm = load(args.model, device=args.device, adapter=args.adapter)
+    # no autograd graph in any forward pass, and none behind the packed or quantized weights: the model's own
+    # switch, not torch's global one (in-process callers, tests among them, go on to train)
+    lm.model.requires_grad_(False)
     dtype = pick_dtype(args.dtype, lm.model.embed.weight.device)
     lm.model.to(dtype)
     if not args.quantize and not getattr(args, "compile", False) and can_pack(lm.model):
@@ -266,7 +267,6 @@ def _inference_model(args: argparse.Namespace):
             quantize_model(lm.model, args.quantize, dtype=dtype)
         except ValueError as e:
             raise UserError(f"--quantize {args.quantize}: {e}") from None
-    torch.set_grad_enabled(False)
     return lm, dtype
 
 

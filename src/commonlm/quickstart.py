@@ -103,9 +103,10 @@ def chat_phase(out: Path, base: LanguageModel, sft_seconds: float, sft_steps: in
     """Steps 5-7: instructions from the standard library, fine-tuning `base` on them, chat samples."""
     from commonlm.api import load
     from commonlm.data.chat import prepare_chat
-    from commonlm.data.instructions import build_instructions, write_jsonl
+    from commonlm.data.instructions import build_instructions
     from commonlm.train.trainer import train
     from commonlm.tune.sft import sft_config
+    from commonlm.utils import write_jsonl
 
     console.rule("[bold]5/7 instructions[/]: conversations about the standard library, from its docstrings")
     context = base.model.config.max_seq_len

@@ -19,8 +19,8 @@ from commonlm.data.instructions import (
     build_instructions,
     entries,
     stdlib_modules,
-    write_jsonl,
 )
+from commonlm.utils import write_jsonl
 from tests.procs import run_captured
 
 

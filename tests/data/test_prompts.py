@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from commonlm.data.arithmetic import problems, prompt_records, write_jsonl
+from commonlm.data.arithmetic import problems, prompt_records
 from commonlm.data.chat import ChatData, prepare_chat
 from commonlm.data.prompts import PromptData, prepare_prompts
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
+from commonlm.utils import write_jsonl
 
 
 @pytest.fixture(scope="module")

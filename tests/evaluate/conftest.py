@@ -6,7 +6,6 @@ RMSNorm's factor: the logits after token t are exactly `table[t]`, whatever came
 directory like any other, so the CLI runs it end to end.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from commonlm.config import ModelConfig, RunConfig
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.model.decoder import Decoder
 from commonlm.modeldir import save_model_dir
+from commonlm.utils import write_jsonl  # noqa: F401 (the tests here import it from this module)
 
 VOCAB = 320  # the byte tokenizer's 264 tokens, rounded up; also d_model, for one-hot embeddings
 LOW = -30.0  # the logit of tokens the table leaves out
@@ -57,6 +57,3 @@ def logp(row: torch.Tensor, char: str) -> float:
     return row[ord(char)].item() - math.log(z)
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path

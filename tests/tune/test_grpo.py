@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from commonlm.data.arithmetic import problems, prompt_records, sft_records, write_jsonl
+from commonlm.data.arithmetic import problems, prompt_records, sft_records
 from commonlm.data.prompts import PromptData, prepare_prompts
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
@@ -21,6 +21,7 @@ from commonlm.train.trainer import resume_config, train
 from commonlm.tune.grpo import GRPO, clipped_loss, group_advantages, grpo_config, kl_k3, token_logps
 from commonlm.tune.rewards import gsm8k
 from commonlm.tune.sft import sft_config
+from commonlm.utils import write_jsonl
 from commonlm.world import World
 from tests.procs import run_captured
 from tests.train.test_ddp import _free_port

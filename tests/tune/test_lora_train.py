@@ -331,9 +331,10 @@ def test_lora_under_ddp_matches_one_process_and_resumes_exactly(base_and_data, t
 
 
 def test_grpo_with_lora_samples_from_the_adapted_model_and_resumes_exactly(base_and_data, tmp_path):
-    from commonlm.data.arithmetic import problems, prompt_records, write_jsonl
+    from commonlm.data.arithmetic import problems, prompt_records
     from commonlm.data.prompts import prepare_prompts
     from commonlm.tune.grpo import grpo_config
+    from commonlm.utils import write_jsonl
 
     base, _ = base_and_data
     path = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(problems(40, seed=2, digits=1)))

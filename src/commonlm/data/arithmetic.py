@@ -5,16 +5,15 @@ by the gsm8k reward: the completion's final number). Small enough that a model o
 parameters learns it on a CPU in seconds, and verifiable, which is what RL with rewards needs.
 
     from commonlm.data.arithmetic import problems, prompt_records
+    from commonlm.utils import write_jsonl
     write_jsonl("prompts.jsonl", prompt_records(problems(500, seed=0)))
 """
 
 from __future__ import annotations
 
-import json
 import operator
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
@@ -55,9 +54,3 @@ def preference_records(items: list[Problem], seed: int = 0) -> list[dict]:
 def prompt_records(items: list[Problem]) -> list[dict]:
     """Prompts with answers, for `tune grpo --reward gsm8k`."""
     return [{"prompt": p.question, "answer": p.answer} for p in items]
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    path = Path(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path

@@ -32,11 +32,9 @@ import sys
 import textwrap
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 
 from commonlm.errors import UserError
-from commonlm.utils import atomic_write_text
 
 # side effects on import, GUI, the documentation's own data, and platform halves that os/os.path present
 SIDE_EFFECTS = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "readline", "pydoc_data",
@@ -395,11 +393,6 @@ def _answer(kind: str, e: Entry) -> str:
         return f"It is a method of `{e.name.rsplit('.', 1)[0]}` objects, from the `{e.module}` module."
     return f"It is in the `{e.module}` module: `import {e.module}` and use `{e.name}`, or " \
            f"`from {e.module} import {short}`."
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Write `build_instructions(...)`'s records as jsonl (atomically): the input of `prepare_chat`."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 if __name__ == "__main__":  # what `library` runs: the entries as JSON on stdout
