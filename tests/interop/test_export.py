@@ -102,6 +102,13 @@ def test_gguf_refuses_a_native_architecture(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
     with pytest.raises(UserError, match="needs merges"):
         export_gguf(_model("llama"), Tokenizer.byte_level(), tmp_path / "m.gguf")
+    # settings a transformers directory holds but this GGUF writer does not: llama.cpp would run them wrong
+    for setting, match in [({"rope_scaling": "linear", "rope_factor": 2.0}, "rope_scaling"),
+                           ({"sliding_window": 16}, "sliding_window")]:
+        config = ModelConfig(family="llama", n_layer=1, n_head=2, d_model=32, vocab_size=320, **setting)
+        with pytest.raises(UserError, match=match):
+            export_gguf(Decoder(config), _bpe(), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "gguf"])
