@@ -58,6 +58,8 @@ def test_report_of_a_run(run, tmp_path, capsys):
     assert f'**"the "** →\n\n```text\nthe {sample}\n```' in report
     assert (run / "commonlm.yaml").read_text().rstrip() in report
     assert "## Hardware and code" in report and "torch" in report
+    (start,) = json.loads((run / "run_info.json").read_text())  # the loop recorded its one start
+    assert start["step"] == 0 and f"| torch | {start['torch']} |" in report and "The run's 1 start(s)" in report
 
     assert main(["report", str(run)]) == 2 and "already exists" in capsys.readouterr().err
     out = tmp_path / "elsewhere" / "r.md"

@@ -17,7 +17,7 @@ from commonlm.errors import UserError
 from commonlm.train.checkpoint import latest_checkpoint, list_checkpoints
 from commonlm.train.metrics import read_metrics
 from commonlm.train.optim import lr_at
-from commonlm.train.trainer import train
+from commonlm.train.trainer import resume_config, train
 from tests.procs import LAST_RESORT_S, commonlm_cmd, run_captured, running, started, wait_for
 
 SMALL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=32",
@@ -241,3 +241,14 @@ def test_a_target_validation_loss_stops_the_run_and_saves_the_model(byte_data, t
 def test_data_that_is_not_a_prepared_directory_is_named_as_such(tmp_path):
     with pytest.raises(UserError, match="not a prepared data directory"):
         train(small_config(tmp_path / "nowhere", "train.max_steps=1"), tmp_path / "r")
+
+
+def test_each_start_of_a_run_is_recorded(byte_data, tmp_path):
+    """run_info.json: the machine and code of the first start and of every resume, for `commonlm report`."""
+    import json
+
+    train(small_config(byte_data, "train.max_steps=4", "train.ckpt_every=2"), tmp_path / "r", stop_at_step=2)
+    train(resume_config(tmp_path / "r"), tmp_path / "r", resume=True)
+    starts = json.loads((tmp_path / "r" / "run_info.json").read_text())
+    assert [s["step"] for s in starts] == [0, 2]
+    assert all(s["torch"] == torch.__version__ and s["processes"] == 1 and "CPU" in s for s in starts)

@@ -20,10 +20,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import platform
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -107,7 +105,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, samples: bo
 
     if samples:
         lines += ["## Samples", "", *_samples(run, config_text, prompts, max_tokens, device), ""]
-    lines += ["## Hardware and code", "", *_environment(), ""]
+    lines += ["## Hardware and code", "", *_environment(run), ""]
     lines += ["## Configuration", "", f"`{run / 'commonlm.yaml'}`:", "", "```yaml", config_text.rstrip(), "```", ""]
     from commonlm.utils import atomic_write_text
 
@@ -197,30 +195,23 @@ def _samples(run: Path, config_text: str, prompts: list[str] | None, max_tokens:
     return lines
 
 
-def _environment() -> list[str]:
-    import torch
+def _environment(run: Path) -> list[str]:
+    """The machines and code of the run's starts (run_info.json, written by the loop), else this one's."""
+    from commonlm.train.metrics import environment
 
-    from commonlm import __version__
-    from commonlm.train.metrics import _device_name
-
-    rows = [["commonlm", f"{__version__} ({_git_describe()})"], ["python", platform.python_version()],
-            ["torch", torch.__version__], ["platform", platform.platform()],
-            ["CPU", f"{_device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads"]]
-    if torch.cuda.is_available():
-        rows.append(["GPU", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))])
-    return ["Where this report was written (the run does not record its own machine):", "",
-            *_markdown_table(["", ""], rows)]
-
-
-def _git_describe() -> str:
-    """`git describe` of the checkout commonlm runs from, or why there is none."""
-    source = Path(__file__).resolve().parents[3]
-    try:
-        done = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty", "--tags"],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "no git here"
-    return f"git {done.stdout.strip()}" if done.returncode == 0 else "not a git checkout"
+    info = run / "run_info.json"
+    if info.is_file():
+        try:
+            starts = json.loads(info.read_text(encoding="utf-8"))
+        except ValueError:
+            starts = []
+        if starts:
+            keys = [k for k in starts[0] if k != "step"]
+            return [f"The run's {len(starts)} start(s) (`{info.name}`):", "",
+                    *_markdown_table(["", *(f"from step {s.get('step', '?')}" for s in starts)],
+                                     [[k, *(str(s.get(k, "")) for s in starts)] for k in keys])]
+    rows = [[k, v] for k, v in environment().items() if k != "command"]
+    return ["Where this report was written (the run recorded no run_info.json):", "", *_markdown_table(["", ""], rows)]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

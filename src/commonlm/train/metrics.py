@@ -148,6 +148,30 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int = 0, remem
     return peak
 
 
+def environment(threads: int | None = None) -> dict[str, str]:
+    """Where this process runs and which code it runs: what a run records at its start (run_info.json) and
+    a report shows."""
+    import subprocess
+    import sys
+
+    from commonlm import __version__
+
+    source = Path(__file__).resolve().parents[3]
+    try:
+        done = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty", "--tags"],
+                              capture_output=True, text=True, timeout=10)
+        code = f"git {done.stdout.strip()}" if done.returncode == 0 else "not a git checkout"
+    except (OSError, subprocess.TimeoutExpired):
+        code = "no git here"
+    info = {"commonlm": f"{__version__} ({code})", "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(),
+            "CPU": f"{_device_name(torch.device('cpu'))}, {threads or torch.get_num_threads()} threads"}
+    if torch.cuda.is_available():
+        info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    info["command"] = " ".join(sys.argv)
+    return info
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

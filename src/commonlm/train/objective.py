@@ -17,6 +17,8 @@ trained, for an objective that samples from it, as GRPO does) and is any object 
     state_dict() / load_state_dict(d)  where its batches stand, so that a resumed run continues exactly
     describe() -> str                  one line for the run's summary
 
+and optionally `shown`, a tuple of its metrics' names that the log line shows beside the loss.
+
 Sums, not means: a step divides the sum of all its micro-batches (and all ranks) by their total number
 of target tokens, so every token weighs the same however the tokens fall into micro-batches -- which
 masked fine-tuning data and packed conversations need (a mean per micro-batch would not be).

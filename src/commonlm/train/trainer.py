@@ -16,6 +16,7 @@ Everything a stage after training needs lands in `out/final`.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -36,11 +37,11 @@ from commonlm.runtime import pick_device, pick_dtype
 from commonlm.scale.swarm import volunteer
 from commonlm.threads import ThreadGovernor, available_cpus
 from commonlm.train import checkpoint as ckpt
-from commonlm.train.metrics import Metrics, peak_flops, plot_losses, rated_peak_flops
+from commonlm.train.metrics import Metrics, environment, peak_flops, plot_losses, rated_peak_flops
 from commonlm.train.objective import NextToken, Objective
 from commonlm.train.optim import lr_at, make_optimizer
 from commonlm.train.parallel import build_model, clip_grad_norm, full_state_dict, gathered, init_weights, parallelize
-from commonlm.utils import console, human
+from commonlm.utils import atomic_write_json, console, human
 from commonlm.world import World, all_reduce_sum, barrier, close_world, init_world
 
 
@@ -225,6 +226,12 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
         config.save(out / "commonlm.yaml")
     if world.is_main:
         ckpt.clean_partial(out)
+        # where and with what code each start (the first, then every resume) ran: `commonlm report` shows it
+        info = out / "run_info.json"
+        starts = json.loads(info.read_text()) if latest is not None and info.is_file() else []
+        starts.append({"step": state["step"], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                       "processes": world.size, **environment()})
+        atomic_write_json(info, starts)
 
     seq_len = seq_len_of(config)
     accum = grad_accum_steps(config, world)
@@ -368,7 +375,10 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
                 where = f"step {step}/{cfg.max_steps}"
                 if cfg.max_time:
                     where = f"step {step} · {used:.0f}/{cfg.max_time:.0f}s"
-                metrics.log(record, f"{where} · loss {last_loss:.4f} · lr {lr:.2e} · "
+                # and the few metrics the objective names as the ones to watch (GRPO's reward, say)
+                watched = "".join(f" · {name.replace('_', ' ')} {record[name]:.4g}"
+                                  for name in getattr(objective, "shown", ()) if name in record)
+                metrics.log(record, f"{where} · loss {last_loss:.4f}{watched} · lr {lr:.2e} · "
                                     f"{human(tok_s)} tok/s · MFU {100 * mfu:.1f}%")
 
             stop = None

@@ -79,6 +79,7 @@ class DPO(ChatSFT):
     """Pairs in ChatSFT's seeded per-epoch order (its position state, so resuming is exact)."""
 
     PER_ITEM = 2
+    shown = ("margin", "accuracy")
 
     def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype,
                  model: torch.nn.Module | None = None):

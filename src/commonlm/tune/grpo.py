@@ -114,6 +114,8 @@ class GRPO(ChatSFT):
     """Prompts in ChatSFT's seeded per-epoch order (its position state, plus the count of micro-batches drawn,
     which seeds sampling), `micro_batch_size` prompts per rank per micro-batch."""
 
+    shown = ("reward", "completion_length")
+
     def __init__(self, config: RunConfig, world: World, device: torch.device, dtype: torch.dtype,
                  model: torch.nn.Module | None = None):
         if model is None:
