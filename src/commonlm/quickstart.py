@@ -92,10 +92,12 @@ def quickstart(out: str | Path | None = None, train_seconds: float = 240.0, over
             return {**report, "exit_status": report["chat"]["exit_status"]}
         console.rule()
         console.print(f"done in {time.perf_counter() - t0:.0f}s. Try: commonlm chat {out / 'chat-run'}  or  "
-                      f"commonlm serve {out / 'chat-run'}  (a web chat page at http://127.0.0.1:8000)")
+                      f"commonlm serve {out / 'chat-run'}  (a web chat page at http://127.0.0.1:8000)",
+                      soft_wrap=True)  # (commands to paste: never broken inside a path)
         return report
     console.rule()
-    console.print(f"done in {time.perf_counter() - t0:.0f}s. Try: commonlm generate {out / 'run'} --prompt 'def '")
+    console.print(f"done in {time.perf_counter() - t0:.0f}s. Try: commonlm generate {out / 'run'} --prompt 'def '",
+                  soft_wrap=True)
     return report
 
 
