@@ -76,9 +76,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """Run `script` in `nproc` CPU processes under torchrun (gloo over loopback, one thread each)."""
+def torchrun(script: Path, *args: object, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run `script` (with `args`) in `nproc` CPU processes under torchrun (gloo over loopback, one thread each)."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)]
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *map(str, args)]
     return run_captured(cmd, env=env)  # torchrun's workers die with it if anything goes wrong

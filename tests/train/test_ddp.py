@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 
 from commonlm.train.metrics import read_metrics
 from commonlm.train.trainer import train
-from tests.procs import free_port as _free_port  # noqa: F401 (to be dropped: other tests still import it)
 from tests.procs import torchrun
 from tests.train.test_trainer import SMALL, small_config, train_losses
 

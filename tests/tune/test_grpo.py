@@ -3,8 +3,6 @@ TRL's "dapo" loss and means over completions for the reward metrics, rollouts ar
 a raising reward does not stop the run, and GRPO raises the reward of a model SFT left weak on arithmetic."""
 
 import math
-import os
-import sys
 import textwrap
 
 import pytest
@@ -23,8 +21,7 @@ from commonlm.tune.rewards import gsm8k
 from commonlm.tune.sft import sft_config
 from commonlm.utils import write_jsonl
 from commonlm.world import World
-from tests.procs import run_captured
-from tests.train.test_ddp import _free_port
+from tests.procs import torchrun
 from tests.tune.conftest import base_and_data
 
 from .test_sft import SMALL
@@ -244,10 +241,7 @@ def test_ddp_matches_one_process_and_resumes_exactly(weak_model, tmp_path):
         train(make(), {str(tmp_path / "split")!r}, init={str(model_dir)!r}, stop_at_step=2)
         train(resume_config({str(tmp_path / "split")!r}), {str(tmp_path / "split")!r}, resume=True)
     """))
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
-    proc = run_captured(cmd, env=env)
+    proc = torchrun(script)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     from safetensors.torch import load_file

@@ -290,12 +290,9 @@ def test_tune_dpo_with_qlora_through_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_lora_under_ddp_matches_one_process_and_resumes_exactly(base_and_data, tmp_path):
-    import os
-    import sys
     import textwrap
 
-    from tests.procs import run_captured
-    from tests.train.test_ddp import _free_port
+    from tests.procs import torchrun
 
     base, chat = base_and_data
     overrides = SMALL + LORA[:2] + ["train.max_steps=4", "train.ckpt_every=2", "train.micro_batch_size=2"]
@@ -311,12 +308,9 @@ def test_lora_under_ddp_matches_one_process_and_resumes_exactly(base_and_data, t
             train(sft_config({str(base)!r}, {str(chat)!r}, {overrides!r}), out, init={str(base)!r},
                   stop_at_step=stop or None)
     """))
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # an uninterrupted run, a run stopped after step 2, its resumption: each its own torchrun
     for out, stop in [("ddp", 0), ("split", 2), ("split", -1)]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path / out), str(stop)]
-        proc = run_captured(cmd, env=env)
+        proc = torchrun(script, tmp_path / out, stop)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # one process, twice the micro-batch: the same conversations per step, the same adapters after
