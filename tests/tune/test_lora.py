@@ -153,3 +153,15 @@ def test_qlora_gradients_equal_those_through_the_dequantized_float_base(mode):
     for name, grad in grads[1].items():
         assert grad.abs().max() > 0, name
         assert torch.allclose(grads[0][name], grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_flops_count_no_weight_gradient_for_the_frozen_base():
+    """MFU of a LoRA run: a frozen matmul costs 4 FLOPs per weight (forward, input gradient), an adapter 6."""
+    model = _model()
+    c = model.config
+    attention = 12 * c.n_layer * c.n_head * c.dim_head * 16
+    full = model.flops_per_token(16)
+    matmul = (full - attention) // 6
+    add_lora(model, 4, 8.0)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert adapters > 0 and model.flops_per_token(16) == 4 * matmul + 6 * adapters + attention

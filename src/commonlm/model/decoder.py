@@ -391,11 +391,26 @@ class Decoder(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 x matmul weights + attention scores (PaLM, App. B)."""
+        """Training FLOPs per token (forward + backward) as PaLM counts them (App. B): 6 per matmul weight and
+        the attention scores. Of the 6, 2 are the forward, 2 its input's gradient and 2 the weight's own
+        gradient, which a frozen weight has not: a frozen matmul counts 4 (a fine-tuning run that freezes the
+        base), and other trained matrices inside one (low-rank adapters) count 6. A matmul is an nn.Linear,
+        or any leaf module with in_features and out_features (a quantized linear)."""
         c = self.config
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul = trained = 0
+        inside: set[int] = set()
+        for m in self.modules():
+            if isinstance(m, nn.Linear) or (hasattr(m, "in_features") and next(m.children(), None) is None):
+                matmul += m.in_features * m.out_features
+                weight = getattr(m, "weight", None)
+                if isinstance(weight, nn.Parameter):
+                    inside.add(id(weight))
+                    trained += m.in_features * m.out_features if weight.requires_grad else 0
+        tables = {id(self.embed.weight)} | ({id(self.pos_embed.weight)} if self.pos_embed is not None else set())
+        adapters = sum(p.numel() for p in self.parameters()
+                       if p.requires_grad and p.dim() == 2 and id(p) not in inside | tables)
         attention = 12 * c.n_layer * c.n_head * c.dim_head * seq_len
-        return 6 * matmul + attention
+        return 4 * matmul + 2 * trained + 6 * adapters + attention
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
