@@ -209,6 +209,10 @@ class TrainConfig:
     swarm_quorum_timeout: float = 3600.0  # seconds a sync waits for the lighthouse's quorum (others are slower)
     swarm_port: int = 0  # this volunteer's torchft manager port (every interface); 0: any free one
     swarm_advertise: str = ""  # address other volunteers reach this one at; "": the one routing to the lighthouse
+    # a first defence against a bad volunteer: an update (pseudo-gradient) whose norm exceeds this many times the
+    # median of the volunteers' norms is scaled down to it before averaging; 0: off (see scale/swarm.py for what
+    # it does not stop)
+    swarm_max_norm_ratio: float = 0.0
 
     def validate(self) -> None:
         positive = ["micro_batch_size", "max_steps", "log_every", "keep_last", "max_nonfinite"]
@@ -262,6 +266,8 @@ class TrainConfig:
         _check(0 <= self.swarm_outer_momentum < 1, "train.swarm_outer_momentum", self.swarm_outer_momentum,
                "must be in [0, 1)")
         _check(0 <= self.swarm_port < 65536, "train.swarm_port", self.swarm_port, "must be a port (0: any free one)")
+        _check(self.swarm_max_norm_ratio == 0 or self.swarm_max_norm_ratio >= 1, "train.swarm_max_norm_ratio",
+               self.swarm_max_norm_ratio, "must be 0 (off) or at least 1 (times the median update norm)")
 
     def _validate_grpo(self) -> None:
         _check(bool(self.reward), "train.reward", self.reward, "must name a reward for objective grpo: gsm8k, "

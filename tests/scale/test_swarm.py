@@ -75,7 +75,9 @@ def _run_in_namespace(tmp_path: Path, min_replicas: int, body: str) -> str:
     script = tmp_path / "swarm.sh"
     script.write_text("\n".join([
         "set -u", "ip link set lo up", "export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1",
-        f"timeout {PER_PROCESS_S} {shlex.join(lighthouse)} > {tmp_path}/lighthouse.log 2>&1 &", "LH=$!",
+        # (--foreground: without it `timeout` passes our TERM on twice, to the lighthouse and to its group, and
+        # the second can land after the lighthouse restored the default handler on its way out: exit 143)
+        f"timeout --foreground {PER_PROCESS_S} {shlex.join(lighthouse)} > {tmp_path}/lighthouse.log 2>&1 &", "LH=$!",
         body, "kill -TERM $LH; wait $LH; echo lighthouse exit $?"]))
     proc = run_captured(["unshare", "-n", "bash", str(script)])
     assert proc.returncode == 0 and "lighthouse exit 0" in proc.stdout, proc.stdout + proc.stderr
@@ -204,7 +206,8 @@ def test_swarm_settings_are_checked():
                           ("train.swarm_outer_lr=0", "train.swarm_outer_lr"),
                           ("train.swarm_port=70000", "train.swarm_port"),
                           ("train.swarm=nowhere", "train.swarm"),
-                          ("train.swarm_compress=int8", "swarm_compress")]:
+                          ("train.swarm_compress=int8", "swarm_compress"),
+                          ("train.swarm_max_norm_ratio=0.5", "train.swarm_max_norm_ratio")]:
         with pytest.raises(UserError, match=key):
             load_config("tiny", ["train.swarm=127.0.0.1:29510", override]).validate()
     load_config("tiny", ["train.swarm=[::1]:29510"]).validate()
@@ -220,3 +223,49 @@ def test_bad_swarm_address_and_bind_are_one_line_errors(byte_data, tmp_path):
     proc = run_captured([sys.executable, "-m", "commonlm", "swarm", "lighthouse", "--bind", "29510"])
     said = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "must be HOST:PORT" in said and "Traceback" not in said, said
+
+
+@pytest.mark.slow
+@needs_namespace
+def test_a_volunteer_with_a_huge_update_is_clipped_to_k_times_the_median(local_data, tmp_path):
+    # B is a bad volunteer: a learning rate 100x A's, so its update is far larger; with k = 2 it is scaled down to
+    # twice the median of the two norms (the lower one: A's) before the average, and A's is sent as it is
+    a, b = tmp_path / "a", tmp_path / "b"
+    defence, bad_lr = "train.swarm_max_norm_ratio=2", "train.lr=0.3"
+    out = _run_in_namespace(tmp_path, 2, "\n".join([
+        _volunteer(local_data[0], a, 3, defence), "A=$!", _volunteer(local_data[1], b, 3, defence, bad_lr), "B=$!",
+        "wait $A; echo a exit $?", "wait $B; echo b exit $?"]))
+    assert "a exit 0" in out and "b exit 0" in out, out + _log_tail(Path(f"{a}.log")) + _log_tail(Path(f"{b}.log"))
+
+    config = _config(local_data[0])
+    resolve_vocab(config, Tokenizer.load(local_data[0]))
+    start = build_model(config, meta=True)
+    init_weights(start, config.train.seed, torch.device("cpu"))
+    w0 = start.state_dict()
+    updates = []  # each volunteer's pseudo-gradient: its own 3 inner steps without the swarm
+    for i, (data, lr) in enumerate([(local_data[0], "train.lr=3e-3"), (local_data[1], bad_lr)]):
+        alone = _weights(train(_config(data, "train.max_steps=3", lr), tmp_path / f"alone{i}").run_dir / "final")
+        updates.append({k: w0[k] - alone[k] for k in w0})
+    parameters = [name for name, _ in start.named_parameters()]  # (a tied weight once, as DiLoCo sends it)
+    norms = [float(torch.sqrt(sum(u[k].double().pow(2).sum() for k in parameters))) for u in updates]
+    assert norms[1] > 10 * norms[0]
+
+    sync_a, sync_b = _syncs(a)[0], _syncs(b)[0]
+    for sync in (sync_a, sync_b):
+        assert sync["swarm_committed"] and sync["swarm_volunteers"] == 2
+        assert sorted(sync["swarm_norms"]) == pytest.approx(sorted(norms), rel=1e-4)
+    assert sync_a["swarm_update_scale"] == 1.0
+    scale = 2 * norms[0] / norms[1]
+    assert sync_b["swarm_update_scale"] == pytest.approx(scale, rel=1e-4)
+
+    wa, wb = _weights(a / "final"), _weights(b / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    step = 0.7 * (1 + 0.9)  # the first Nesterov step of the outer optimizer's defaults
+    moved, undefended = 0.0, 0.0
+    for key in parameters:
+        expected = w0[key] - step * (updates[0][key] + scale * updates[1][key]) / 2
+        assert torch.allclose(wa[key], expected, atol=1e-5), key
+        moved += float((wa[key] - w0[key]).double().pow(2).sum())
+        undefended += float((step * (updates[0][key] + updates[1][key]) / 2).double().pow(2).sum())
+    # the global weights moved by at most (1 + k) / 2 honest updates' worth of the outer step, not by the bad one
+    assert moved ** 0.5 <= step * (1 + 2) / 2 * norms[0] * 1.001 < undefended ** 0.5 / 5

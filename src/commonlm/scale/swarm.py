@@ -15,6 +15,18 @@ syncs with them from then on. One that leaves (stops, crashes, loses its link) i
 once its heartbeats stop; a sync whose all-reduce failed is not applied by anyone (each goes back to the global
 weights of the last sync and trains on).
 
+A first defence against a bad volunteer (train.swarm_max_norm_ratio = k > 0): at each sync every volunteer first
+shares the norm of its whole pseudo-gradient (one tiny all-reduce of one number per volunteer), and one whose
+norm is over k times the median of them scales its update down to k times the median before the average. So
+one diverged or misconfigured volunteer (a learning rate 1000x too high, a corrupt shard, an overflow) moves the
+global weights by at most about k times an ordinary update, divided by the number of volunteers, instead of
+wrecking them. It is clipping, not exclusion: the direction is kept, and an honest volunteer with a larger
+update than the others (more or harder data) still counts. What it does not stop: a volunteer running modified
+code (the clip is applied by the sender, so one that lies about its norm or skips the clip is not caught: that
+needs every update seen by every volunteer, an all-gather of n times the bytes); a coordinated group of half the
+volunteers or more (they set the median); updates that are wrong but not large (a poisoned direction, a
+backdoor); poisoned data. Trust whom you let into the swarm (the lighthouse admits anyone who reaches it).
+
 The glue here: a TCPStore for torchft's process group, the Manager (its healing state: model and inner
 optimizer), DiLoCo, and a record in metrics.jsonl per sync with the bytes sent. Every volunteer must start
 from the same weights (the same config and train.seed, or the same --init): DiLoCo starts the global model
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -85,15 +98,22 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
     except Exception as e:  # torchft's RuntimeErrors: the lighthouse not there, a port taken
         raise UserError(f"train.swarm: cannot join the lighthouse at {cfg.swarm}: {e}. Is `commonlm swarm "
                         f"lighthouse` running there, and reachable from this machine?") from None
+    clip = None
+    if cfg.swarm_max_norm_ratio:
+        clip = _NormClip(manager, len(list(model.parameters())), cfg.swarm_max_norm_ratio)
     if cfg.swarm_compress == "bf16":
         # (the method DiLoCo sends the pseudo-gradients by, one parameter at a time)
         manager.allreduce = _Bf16WithErrorFeedback(manager.allreduce, len(list(model.parameters())))
+    if clip is not None:
+        clip.send = manager.allreduce  # (clipped, then compressed)
+        manager.allreduce = clip
     momentum = cfg.swarm_outer_momentum
     outer = torch.optim.SGD(model.parameters(), lr=cfg.swarm_outer_lr, momentum=momentum, nesterov=momentum > 0)
     try:
         with DiLoCo(manager, [model], optimizer, outer, sync_every=cfg.swarm_sync_every, pin_memory=False):
-            counter = _SyncLog(manager, model, cfg.swarm_sync_every, metrics, step, cfg.swarm_compress)
+            counter = _SyncLog(manager, model, cfg.swarm_sync_every, metrics, step, cfg.swarm_compress, clip)
             hook = optimizer.register_step_post_hook(counter)  # after DiLoCo's: sees the sync that just happened
+            clock = optimizer.register_step_pre_hook(counter.before)
             try:
                 yield
             except TimeoutError as e:
@@ -102,6 +122,7 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
                                 "--min-replicas)?") from None
             finally:
                 hook.remove()
+                clock.remove()
     finally:
         manager.shutdown(wait=False)
 
@@ -118,14 +139,19 @@ def _torchft():
 class _SyncLog:
     """An inner-optimizer step hook: after each outer sync, one metrics record of what it did and sent."""
 
-    def __init__(self, manager, model: nn.Module, sync_every: int, metrics: Metrics, step: int, compress: str) -> None:
-        self.manager, self.sync_every, self.metrics, self.step = manager, sync_every, metrics, step
+    def __init__(self, manager, model: nn.Module, sync_every: int, metrics: Metrics, step: int, compress: str,
+                 clip: _NormClip | None) -> None:
+        self.manager, self.sync_every, self.metrics, self.step, self.clip = manager, sync_every, metrics, step, clip
+        self.started = time.perf_counter()
         self.inner_steps = 0
         self.commits = manager.current_step()
         # what each volunteer puts into the all-reduce per sync: one pseudo-gradient per parameter, in its dtype
         # or in bf16
         self.payload = sum(p.numel() * (2 if compress == "bf16" else p.element_size()) for p in model.parameters())
         self.sent_total = 0
+
+    def before(self, optimizer, args, kwargs) -> None:
+        self.started = time.perf_counter()
 
     def __call__(self, optimizer, args, kwargs) -> None:
         self.inner_steps += 1
@@ -139,11 +165,83 @@ class _SyncLog:
         # a ring all-reduce (gloo's) sends 2(n-1)/n of the tensor from each of n participants
         sent = round(2 * (volunteers - 1) / volunteers * self.payload) if volunteers > 1 else 0
         self.sent_total += sent
-        self.metrics.log(
-            {"step": self.step, "swarm_sync": commits, "swarm_committed": committed, "swarm_volunteers": volunteers,
-             "swarm_payload_bytes": self.payload, "swarm_sent_bytes": sent, "swarm_sent_total": self.sent_total},
-            f"step {self.step}: outer sync {commits} {'applied' if committed else 'NOT applied (failed)'} with "
-            f"{volunteers} volunteer(s) · sent {human(sent)}B")
+        # the seconds of the optimizer step that synced: its inner step, the quorum, the all-reduce, the outer step
+        seconds = time.perf_counter() - self.started
+        record = {"step": self.step, "swarm_sync": commits, "swarm_committed": committed,
+                  "swarm_volunteers": volunteers, "swarm_payload_bytes": self.payload, "swarm_sent_bytes": sent,
+                  "swarm_sent_total": self.sent_total, "swarm_sync_s": round(seconds, 4)}
+        clipped = ""
+        if self.clip is not None and self.clip.norms is not None:
+            record |= {"swarm_update_norm": self.clip.norm, "swarm_norms": self.clip.norms,
+                       "swarm_update_scale": self.clip.scale}
+            if self.clip.scale < 1:
+                clipped = (f" · this update's norm {self.clip.norm:.3g} clipped to {self.clip.scale:.3g}x "
+                           f"(median {self.clip.median:.3g})")
+        outcome = "applied" if committed else "NOT applied (failed)"
+        self.metrics.log(record, f"step {self.step}: outer sync {commits} {outcome} with {volunteers} volunteer(s) in "
+                         f"{seconds:.2f}s · sent {human(sent)}B{clipped}")
+
+
+class _NormClip:
+    """Manager.allreduce that holds a sync's pseudo-gradients back until it has all `count` of them, shares their
+    norm with the other volunteers, scales them down to `max_ratio` times the median norm if they are above it,
+    and only then sends them (to `send`: the manager's all-reduce, or the compressed one wrapping it)."""
+
+    def __init__(self, manager, count: int, max_ratio: float) -> None:
+        self.manager, self.count, self.max_ratio = manager, count, max_ratio
+        self.exchange = manager.allreduce  # (the plain one: the norms go uncompressed)
+        self.send = manager.allreduce
+        self.pending: list[tuple[torch.Tensor, bool, dict, _Deferred]] = []
+        self.norms: list[float] | None = None  # the last sync's, for the log
+        self.norm, self.median, self.scale = 0.0, 0.0, 1.0
+
+    def __call__(self, tensor: torch.Tensor, should_quantize: bool = False, **kwargs) -> dist.Work:
+        work = _Deferred()
+        self.pending.append((tensor, should_quantize, kwargs, work))
+        if len(self.pending) == self.count:
+            self._release()
+        return work
+
+    def _release(self) -> None:
+        pending, self.pending = self.pending, []
+        self.norm = float(torch.sqrt(sum(t.detach().float().pow(2).sum() for t, *_ in pending)))
+        self.norms = self._everyones(self.norm)
+        self.median = float(torch.tensor(self.norms).median())  # (the lower of the two middle ones)
+        limit = self.max_ratio * self.median
+        self.scale = limit / self.norm if 0 < limit < self.norm else 1.0
+        for tensor, should_quantize, kwargs, work in pending:
+            if self.scale < 1:
+                tensor.mul_(self.scale)
+            work.work = self.send(tensor, should_quantize, **kwargs)
+
+    def _everyones(self, norm: float) -> list[float]:
+        """Every participating volunteer's norm, in rank order: one slot each, a sum over the quorum."""
+        from torch.distributed import ReduceOp
+
+        volunteers, rank = self.manager.num_participants(), self.manager.participating_rank()
+        if volunteers <= 1:
+            return [norm]
+        norms = torch.zeros(volunteers)
+        if rank is not None:  # (one healing this sync sends zeros and is not counted)
+            norms[rank] = norm
+        self.exchange(norms, reduce_op=ReduceOp.SUM).wait()
+        return norms.tolist()
+
+
+class _Deferred(dist.Work):
+    """The work of an all-reduce that `_NormClip` starts later, when the sync's last pseudo-gradient arrives
+    (DiLoCo starts every one before it waits on any)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work: dist.Work | None = None
+
+    def wait(self, timeout=None) -> bool:
+        self.work.wait()
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        return self.work.get_future()
 
 
 class _Bf16WithErrorFeedback:
