@@ -5,7 +5,8 @@ are encoded together and the continuation is the tail of that encoding past the 
 (whitespace at the end of the context moves to the continuation first, so " Paris" is scored as the word
 with its space); an empty context starts from the end-of-text token; a row longer than the model's context
 loses its beginning. Rows are sorted by length, right-padded into batches, one forward pass per batch, and
-only the continuation's positions are read (padding on the right changes nothing before it, causally).
+only the continuation's positions are read (padding on the right changes nothing before it, causally): the
+head, over the whole vocabulary, runs on those positions alone.
 
 Multiple choice reports `acc` (the most likely choice is right) and `acc_norm` (log-likelihood divided by the
 choice's length in characters, as the harness does); BIG-bench's partial credits count as they are. Cloze
@@ -81,27 +82,42 @@ def loglikelihoods(model: torch.nn.Module, pairs: list[tuple[list[int], list[int
         rows.setdefault(tuple(ids[:-1]), []).append(i)
         targets.append(ids[-len(continuation):])
     order = sorted(rows, key=len, reverse=True)
+    most = {inputs: max(len(targets[i]) for i in ids) for inputs, ids in rows.items()}  # positions each row reads
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     start = 0
     while start < len(order):
-        longest = len(order[start])
-        fits = max(1, min(batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
+        kept = max(most[inputs] for inputs in order[start : start + batch_size])
+        fits = max(1, min(batch_size, LOGITS_BUDGET // max(1, kept * vocab)))
         batch = order[start : start + fits]
         start += len(batch)
-        x = torch.zeros(len(batch), longest, dtype=torch.long)
+        kept = max(most[inputs] for inputs in batch)
+        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
         for r, inputs in enumerate(batch):
             x[r, : len(inputs)] = torch.tensor(inputs)
-        logits, _ = model(x.to(device))
+        # each row's last `kept` positions before its padding (clamped at 0 for a row shorter than that)
+        keep = torch.tensor([[max(0, len(inputs) - kept + j) for j in range(kept)] for inputs in batch])
+        logits = _logits_at(model, x.to(device), keep.to(device))
         for r, inputs in enumerate(batch):
-            end = len(inputs)
-            n_most = max(len(targets[i]) for i in rows[inputs])
-            logp = logits[r, end - n_most : end].float().log_softmax(-1)
+            logp = logits[r, kept - most[inputs] :].float().log_softmax(-1)
             for i in rows[inputs]:
                 want = torch.tensor(targets[i], device=logp.device)
-                mine = logp[n_most - len(want):]
+                mine = logp[most[inputs] - len(want):]
                 total = mine.gather(-1, want[:, None]).sum().item()
                 results[i] = (total, bool((mine.argmax(-1) == want).all()))
     return results
+
+
+def _logits_at(model: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The logits [B, K, V] of the inputs `x` [B, T] at positions `keep` [B, K] only: the head (and the vocabulary
+    it spans) runs on those positions alone, the final norm's output being cut to them on its way to the head."""
+    def only_kept(module, inputs, hidden):
+        return hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    hook = model.norm.register_forward_hook(only_kept)
+    try:
+        return model(x)[0]
+    finally:
+        hook.remove()
 
 
 def check_encodable(tokenizer: Tokenizer, text: str, ids: list[int], where: str) -> None:
