@@ -25,7 +25,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class ModelConfig:
     """Shape and switches of the one decoder. `family` picks the Hugging Face class it exports as."""
 
-    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3"] = "llama"
+    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe"] = "llama"
     vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to a multiple of 64
     n_layer: int = 4
     n_head: int = 4
@@ -60,6 +60,19 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     dropout: float = 0.0
+    # mixture of experts (model/moe.py): n_experts > 0 makes every block's MLP routed SwiGLU experts
+    n_experts: int = 0
+    experts_per_token: int = 2  # top k
+    expert_ff_dim: int = 0  # each expert's width; 0: model.d_ff (or its default) / experts_per_token
+    n_shared_experts: int = 0  # experts every token runs besides its k routed ones (DeepSeek)
+    router_score: Literal["softmax", "sigmoid"] = "softmax"
+    router_norm_topk: bool = True  # the k chosen scores renormalised to sum to 1
+    balance_rate: float = 0.0  # auxiliary-loss-free balancing: the bias step per training forward (DeepSeek: 1e-3)
+    router_aux_loss: float = 0.0  # weight of the load-balancing auxiliary loss; 0: none
+
+    @property
+    def moe_ff_dim(self) -> int:
+        return self.expert_ff_dim or max(1, self.ff_dim // self.experts_per_token)
 
     @property
     def kv_heads(self) -> int:
@@ -117,6 +130,17 @@ class ModelConfig:
         _check(self.rope_attention_factor >= 0, "model.rope_attention_factor", self.rope_attention_factor,
                "must be >= 0 (0 = from rope_factor)")
         _check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be positive")
+        _check(self.n_experts >= 0, "model.n_experts", self.n_experts, "must be >= 0 (0 = a dense MLP)")
+        if self.n_experts or self.family == "qwen3_moe":
+            _check(self.n_experts > 0, "model.n_experts", self.n_experts, "must be positive for family qwen3_moe")
+            _check(1 <= self.experts_per_token <= self.n_experts, "model.experts_per_token", self.experts_per_token,
+                   f"must be in [1, model.n_experts={self.n_experts}]")
+            _check(self.mlp == "swiglu", "model.mlp", self.mlp, "experts are SwiGLU: set model.mlp=swiglu")
+            _check(self.expert_ff_dim >= 0, "model.expert_ff_dim", self.expert_ff_dim, "must be >= 0 (0 = derived)")
+            _check(self.n_shared_experts >= 0, "model.n_shared_experts", self.n_shared_experts, "must be >= 0")
+            _check(self.balance_rate >= 0, "model.balance_rate", self.balance_rate, "must be >= 0 (0 = off)")
+            _check(self.router_aux_loss >= 0, "model.router_aux_loss", self.router_aux_loss, "must be >= 0 (0 = off)")
+            _check(not self.bias, "model.bias", self.bias, "experts have no biases: set model.bias=false")
 
 
 @dataclass

@@ -9,6 +9,8 @@ directory back. The families:
 - mistral: MistralForCausalLM (as llama, no biases; sliding window on every layer)
 - qwen2:   Qwen2ForCausalLM   (as llama, biases on q/k/v only; sliding window after max_window_layers)
 - qwen3:   Qwen3ForCausalLM   (as qwen2, no biases, RMS QK-norm per head)
+- qwen3_moe: Qwen3MoeForCausalLM (as qwen3, every MLP routed experts: softmax top-k, no shared experts, no
+           balancing bias, no sliding window; each expert's weights stored apart, as transformers saves them)
 
 The four RoPE families carry RoPE scaling in `rope_parameters` (linear, dynamic, yarn, llama3; the older
 `rope_scaling` key is read too, as Llama 3.1's and Qwen2.5's own files have it).
@@ -36,7 +38,7 @@ from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 # Our module -> theirs, or the parts a fused module splits into (along dim 0, in this order). "{i}" is the
 # layer; a module's .weight and .bias keep their suffix.
@@ -58,7 +60,16 @@ LLAMA_NAMES = {
     "blocks.{i}.mlp.gate_up": ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
     "blocks.{i}.mlp.proj": "model.layers.{i}.mlp.down_proj",
 }
-NAMES = {"gpt2": GPT2_NAMES, "llama": LLAMA_NAMES, "mistral": LLAMA_NAMES, "qwen2": LLAMA_NAMES, "qwen3": LLAMA_NAMES}
+# Mixture of experts: the router, and the stacked experts, stored one tensor per expert ("{e}") and part
+QWEN3_MOE_NAMES = {
+    **{ours: theirs for ours, theirs in LLAMA_NAMES.items() if ".mlp." not in ours},
+    "blocks.{i}.mlp.router": "model.layers.{i}.mlp.gate",
+    "blocks.{i}.mlp.experts.gate_up_proj": ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+                                            "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
+    "blocks.{i}.mlp.experts.down_proj": ("model.layers.{i}.mlp.experts.{e}.down_proj.weight",),
+}
+NAMES = {"gpt2": GPT2_NAMES, "llama": LLAMA_NAMES, "mistral": LLAMA_NAMES, "qwen2": LLAMA_NAMES, "qwen3": LLAMA_NAMES,
+         "qwen3_moe": QWEN3_MOE_NAMES}
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # GPT-2's Conv1D holds [in, out]: transposed both ways
 
 
@@ -100,7 +111,12 @@ def hf_config(c: ModelConfig, eos_id: int | None = None, pad_id: int | None = No
     if c.rope_scaling == "dynamic":  # transformers grows the base beyond max_position_embeddings
         out["max_position_embeddings"] = c.rope_original_len or c.max_seq_len
     window = c.sliding_window or None
-    if c.family == "llama":
+    if c.family == "qwen3_moe":  # (its class has no max_window_layers: a window is not written, so it fails closed)
+        out.update(moe_intermediate_size=c.moe_ff_dim, num_experts=c.n_experts, num_experts_per_tok=c.experts_per_token,
+                   norm_topk_prob=c.router_norm_topk, decoder_sparse_step=1, mlp_only_layers=[],
+                   output_router_logits=c.router_aux_loss > 0, router_aux_loss_coef=c.router_aux_loss or 0.001,
+                   use_sliding_window=False, sliding_window=None)
+    elif c.family == "llama":
         out["mlp_bias"] = c.bias
     elif c.family == "mistral":
         out["sliding_window"] = window
@@ -245,15 +261,31 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if kind in ("mistral", "qwen3") and attention_bias:
         raise _refuse("attention_bias", True, f"{kind} without biases only")
     heads = get("num_attention_heads")
-    return ModelConfig(
+    moe = _moe_from_hf(cfg) if kind == "qwen3_moe" else {}
+    return ModelConfig(**moe,
         family=kind, vocab_size=get("vocab_size"), n_layer=get("num_hidden_layers"), n_head=heads,
         n_kv_head=get("num_key_value_heads") or heads, d_model=get("hidden_size"),
         head_dim=get("head_dim") or 0, d_ff=get("intermediate_size"),
         pos_emb="rope", **_rope_from_hf(cfg), **_window_from_hf(kind, cfg, get("num_hidden_layers")), norm="rmsnorm",
-        norm_eps=get("rms_norm_eps", 1e-6), mlp="swiglu", qk_norm=kind == "qwen3",
+        norm_eps=get("rms_norm_eps", 1e-6), mlp="swiglu", qk_norm=kind in ("qwen3", "qwen3_moe"),
         bias=attention_bias if kind == "llama" else False, qkv_bias=kind == "qwen2",
         tie_embeddings=get("tie_word_embeddings", kind == "qwen3"), init_std=get("initializer_range", 0.02),
     )
+
+
+def _moe_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a Qwen3-MoE config.json: experts in every layer only."""
+    if cfg.get("mlp_only_layers"):
+        raise _refuse("mlp_only_layers", cfg["mlp_only_layers"], "dense layers between expert layers")
+    if cfg.get("decoder_sparse_step", 1) != 1:
+        raise _refuse("decoder_sparse_step", cfg["decoder_sparse_step"], "experts in every layer only (1)")
+    if cfg.get("use_sliding_window"):
+        raise _refuse("use_sliding_window", True, "Qwen3-MoE with a sliding window")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    return {"n_experts": experts, "experts_per_token": cfg.get("num_experts_per_tok", 8),
+            "expert_ff_dim": cfg.get("moe_intermediate_size", 768),
+            "router_norm_topk": cfg.get("norm_topk_prob", False),
+            "router_aux_loss": cfg.get("router_aux_loss_coef", 0.001) if cfg.get("output_router_logits") else 0.0}
 
 
 # -- does a model fit its family's class? -----------------------------------------------------------
@@ -277,7 +309,8 @@ def hf_incompatibility(c: ModelConfig, state: dict[str, torch.Tensor] | None = N
 def _resolved(c: ModelConfig) -> ModelConfig:
     """`c` with the derived sizes spelled out (0 = "from the other fields" in ModelConfig)."""
     return dataclasses.replace(c, n_kv_head=c.kv_heads, head_dim=c.dim_head, d_ff=c.ff_dim,
-                               rope_original_len=c.rope_original_len or c.max_seq_len)
+                               rope_original_len=c.rope_original_len or c.max_seq_len,
+                               expert_ff_dim=c.moe_ff_dim if c.n_experts else c.expert_ff_dim)
 
 
 def _tensor_mismatch(c: ModelConfig, state: dict[str, torch.Tensor]) -> str | None:
@@ -287,7 +320,7 @@ def _tensor_mismatch(c: ModelConfig, state: dict[str, torch.Tensor]) -> str | No
     for name, tensor in state.items():
         if name not in expected:
             return f"tensor {name} is not part of a {c.family} model"
-        if their_names(c.family, name) is None:
+        if their_names(c.family, name, c.n_experts) is None:
             return f"tensor {name} has no {c.family} name"
         if tuple(tensor.shape) != expected[name]:
             return f"tensor {name} has shape {tuple(tensor.shape)}, not {expected[name]}"
@@ -298,10 +331,14 @@ def _tensor_mismatch(c: ModelConfig, state: dict[str, torch.Tensor]) -> str | No
 # -- weights ----------------------------------------------------------------------------------------
 
 
-def their_names(family: str, ours: str) -> tuple[str, ...] | None:
-    """The transformers name(s) of one of our tensors (several for a fused one), None if the table has none."""
+def their_names(family: str, ours: str, n_experts: int = 0) -> tuple[str, ...] | None:
+    """The transformers name(s) of one of our tensors (several for a fused one), None if the table has none.
+    Stacked experts name each of their `n_experts` experts' parts in turn."""
     module, _, suffix = ours.rpartition(".")
     layer = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    stacked = NAMES[family].get(f"blocks.{{i}}.{layer[2]}.{suffix}") if layer else None
+    if stacked is not None:
+        return tuple(p.format(i=layer[1], e=e) for e in range(n_experts) for p in stacked)
     theirs = NAMES[family].get(f"blocks.{{i}}.{layer[2]}" if layer else module)
     if theirs is None:
         return None
@@ -316,7 +353,7 @@ def hf_names(c: ModelConfig, names: Iterable[str]) -> dict[str, tuple[str, ...]]
     for ours in names:
         if c.tie_embeddings and ours == "lm_head.weight":
             continue
-        theirs = their_names(c.family, ours)
+        theirs = their_names(c.family, ours, c.n_experts)
         if theirs is None:
             raise KeyError(f"{ours} has no {c.family} name")
         out[ours] = theirs
@@ -324,7 +361,12 @@ def hf_names(c: ModelConfig, names: Iterable[str]) -> dict[str, tuple[str, ...]]
 
 
 def split_rows(c: ModelConfig, ours: str) -> list[int]:
-    """Rows of each transformers part of a fused tensor: q, k, v or gate, up."""
+    """Rows of each transformers part of a fused tensor: q, k, v or gate, up; of stacked experts (their first
+    two dimensions flattened), each expert's gate and up, or its down projection."""
+    if ".mlp.experts.gate_up_proj" in ours:
+        return [c.moe_ff_dim] * (2 * c.n_experts)
+    if ".mlp.experts.down_proj" in ours:
+        return [c.d_model] * c.n_experts
     if ".attn.qkv." in ours:
         return [c.n_head * c.dim_head, c.kv_heads * c.dim_head, c.kv_heads * c.dim_head]
     return [c.ff_dim, c.ff_dim]  # .mlp.gate_up.
@@ -334,7 +376,8 @@ def to_hf(c: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """Our state dict -> transformers names (a fresh dict of contiguous tensors)."""
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in hf_names(c, state).items():
-        parts = state[ours].split(split_rows(c, ours)) if len(theirs) > 1 else [state[ours]]
+        tensor = state[ours].flatten(0, 1) if state[ours].dim() == 3 else state[ours]  # (stacked experts)
+        parts = tensor.split(split_rows(c, ours)) if len(theirs) > 1 else [tensor]
         for name, tensor in zip(theirs, parts):
             out[name] = (tensor.t() if name.endswith(CONV1D) else tensor).contiguous()
     return out
@@ -352,6 +395,8 @@ def from_hf(c: ModelConfig, hf: dict[str, torch.Tensor], names: Iterable[str]) -
     for ours, theirs in table.items():
         parts = [hf[name].t() if name.endswith(CONV1D) else hf[name] for name in theirs]
         out[ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if ".mlp.experts." in ours:  # stacked experts: [E * rows, in] -> [E, rows, in]
+            out[ours] = out[ours].unflatten(0, (c.n_experts, -1))
     if c.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     return out

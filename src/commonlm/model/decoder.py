@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from commonlm.config import ModelConfig
 from commonlm.kernels import attention
 from commonlm.model.kv_cache import KVCache, SlotKVCache, StaticKVCache
+from commonlm.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -255,7 +256,9 @@ MLPS = {"gelu": GeluMLP, "gelu_tanh": GeluMLP, "swiglu": SwiGLU}
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:
-    """The MLP of one block. A mixture-of-experts MLP plugs in here."""
+    """The MLP of one block: dense, or a mixture of experts (model/moe.py) when config.n_experts > 0."""
+    if config.n_experts:
+        return MoE(config)
     return MLPS[config.mlp](config)
 
 
@@ -337,6 +340,8 @@ class Decoder(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, MoE):  # its stacked experts (and balancing bias)
+                module.reset_parameters()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
@@ -409,6 +414,11 @@ class Decoder(nn.Module):
         tables = {id(self.embed.weight)} | ({id(self.pos_embed.weight)} if self.pos_embed is not None else set())
         adapters = sum(p.numel() for p in self.parameters()
                        if p.requires_grad and p.dim() == 2 and id(p) not in inside | tables)
+        # a mixture of experts counts the experts each token runs, not all of them (active parameters)
+        for m in self.modules():
+            if hasattr(m, "active_params"):
+                matmul += m.active_params
+                trained += m.active_params if m.experts.down_proj.requires_grad else 0
         attention = 12 * c.n_layer * c.n_head * c.dim_head * seq_len
         return 4 * matmul + 2 * trained + 6 * adapters + attention
 
