@@ -1,0 +1,79 @@
+"""Mixture of experts vs a dense model of equal active parameters: tokens/s and validation loss at equal wall time.
+
+    .venv/bin/python bench/moe_vs_dense.py                       # 60 s of training each, tinyshakespeare, CPU
+    .venv/bin/python bench/moe_vs_dense.py --seconds 20 --experts 16 --top-k 2
+
+Both models are the CPU speedrun's shape (bench/cpu_speedrun.py: 3 layers, d_model 128, byte tokens, context 64)
+trained through the one loop (`commonlm.train.trainer.train`) with the same data, seed, batch and a constant
+learning rate after warmup, each for the same wall time (train.max_time), then evaluated on the same validation
+tokens. The dense model's SwiGLU is d_ff wide; the mixture has n_experts experts of d_ff / top_k each and runs
+top_k of them per token, so both run the same matmul weights per token (the mixture adds its router). Tokens/s is
+the tokens trained over the wall time given (setup included, the same for both); ratios are against the dense model
+of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average, machine, markdown_table, setup_threads  # noqa: E402
+from cpu_speedrun import DATA, prepare  # noqa: E402
+
+from commonlm.config import load_config  # noqa: E402
+from commonlm.modeldir import load_model_dir  # noqa: E402
+from commonlm.train.metrics import read_metrics  # noqa: E402
+from commonlm.train.trainer import train  # noqa: E402
+
+
+def run(name: str, data: Path, out: Path, seconds: float, threads: int, model: list[str]) -> dict:
+    overrides = [*model, "train.schedule=constant", "train.max_steps=1000000", f"train.max_time={seconds}",
+                 "train.eval_every=0", "train.eval_tokens=65536", "train.target_val_loss=0", "train.log_every=10",
+                 f"train.threads={threads}", "train.dtype=fp32"]
+    config = load_config("speedrun-cpu", overrides)
+    config.data.path = str(data)
+    result = train(config, out)
+    vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
+    decoder = load_model_dir(result.final_dir)[0]
+    tokens = result.step * config.train.micro_batch_size * config.model.max_seq_len
+    return {"name": name, "steps": result.step, "tok_s": tokens / seconds, "val": vals[-1],
+            "params": decoder.num_params(), "flops": decoder.flops_per_token(config.model.max_seq_len)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA, help=f"tinyshakespeare.txt (default: {DATA})")
+    ap.add_argument("--seconds", type=float, default=60.0, help="training wall time of each model")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--d-ff", type=int, default=384, help="the dense model's SwiGLU width (speedrun-cpu's default)")
+    ap.add_argument("--threads", type=int, default=0, help="0: all cores")
+    args = ap.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"moe_vs_dense: {args.data} not found; pass --data PATH to tinyshakespeare.txt")
+    if args.d_ff % args.top_k:
+        raise SystemExit(f"moe_vs_dense: --d-ff {args.d_ff} must be divisible by --top-k {args.top_k}")
+    threads = setup_threads(args.threads)
+    moe = [f"model.n_experts={args.experts}", f"model.experts_per_token={args.top_k}",
+           f"model.expert_ff_dim={args.d_ff // args.top_k}", "model.balance_rate=1e-3"]
+    with tempfile.TemporaryDirectory(prefix="moe_vs_dense-") as tmp:
+        data = prepare(args.data, Path(tmp))
+        print(f"# moe_vs_dense · {machine()} · load {load_average()} · {args.seconds:g} s each", flush=True)
+        results = [run("dense", data, Path(tmp) / "dense", args.seconds, threads, [f"model.d_ff={args.d_ff}"]),
+                   run(f"moe {args.experts}x{args.d_ff // args.top_k}, top-{args.top_k}", data, Path(tmp) / "moe",
+                       args.seconds, threads, moe)]
+    base = results[0]
+    rows = [[r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['flops'] / 6 / 1e6:.3f}M", r["steps"], f"{r['tok_s']:,.0f}",
+             f"{r['tok_s'] / base['tok_s']:.2f}x", f"{r['val']:.4f}", f"{r['val'] - base['val']:+.4f}"]
+            for r in results]
+    print()
+    print(markdown_table(["model", "params", "active (FLOPs/6 per token)", "steps", "tok/s", "tok/s vs dense",
+                          f"val loss after {args.seconds:g} s", "vs dense"], rows))
+    print(f"\nload {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
