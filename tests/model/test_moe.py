@@ -265,3 +265,20 @@ def test_a_moe_built_on_meta_and_initialised_there_equals_one_built_on_the_host(
     a, b = host.state_dict(), meta.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["blocks.1.mlp.experts.down_proj"].std() > 0
+
+
+def test_activation_checkpointing_recomputes_the_same_routing():
+    config = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_experts=4, balance_rate=0.05)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(8))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Decoder(config).train()
+        model.activation_checkpointing = checkpointing
+        for _ in range(3):  # the bias moves between forwards, never between a forward and its recomputation
+            model.zero_grad()
+            logits, _ = model(idx)
+            logits.float().logsumexp(-1).mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        assert model.blocks[0].mlp.balance_bias.abs().sum() > 0
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])

@@ -7,9 +7,10 @@ experts that every token runs (one SwiGLU of `n_shared_experts * expert_ff_dim`)
 - Routing: a linear router scores the experts (softmax, or sigmoid as DeepSeek-V3), each token takes its top k,
   and their scores, renormalised to sum to 1 when `router_norm_topk`, weigh the experts' outputs.
 - Balancing without an auxiliary loss (DeepSeek-V3): a per-expert bias, added to the scores for the choice only
-  (never to the weights), moves `balance_rate` toward under-loaded experts after each training forward pass (per
-  micro-batch, outside autograd; not while activation checkpointing recomputes a forward in backward). It is a
-  buffer, so checkpoints carry it and resume exactly. An auxiliary loss (Switch Transformer's E * sum_e f_e P_e,
+  (never to the weights), moves `balance_rate` toward under-loaded experts once per training forward pass (per
+  micro-batch, outside autograd), from the load of the forward pass before: so activation checkpointing, which
+  recomputes a forward in backward, routes its recomputation as the forward went. The bias and the pending load are
+  buffers: checkpoints carry them and resume exactly. An auxiliary loss (Switch Transformer's E * sum_e f_e P_e,
   weight `router_aux_loss`) is optional and goes back through the decoder's auxiliary-loss path.
 - Dropless dispatch: the token copies are sorted by expert and each expert runs one matmul over its contiguous
   run: `torch._grouped_mm` (one kernel for all experts) where it takes the shapes, a loop over experts otherwise,
@@ -93,6 +94,7 @@ class MoE(nn.Module):
         self.shared = SharedExperts(c.d_model, c.n_shared_experts * ff) if c.n_shared_experts else None
         if self.balance_rate > 0:  # (only then: a model without it has exactly Qwen3-MoE's tensors)
             self.register_buffer("balance_bias", torch.zeros(c.n_experts))
+            self.register_buffer("balance_load", torch.zeros(c.n_experts))  # the last training forward's load
         # matmul weights each token runs through the routed experts (for flops_per_token: active parameters only)
         self.active_params = self.top_k * 3 * c.d_model * ff
         self.stats: dict[str, torch.Tensor] = {}
@@ -107,6 +109,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.experts.down_proj, std=self.std / (2 * self.n_layer) ** 0.5)
         if self.balance_rate > 0:
             self.balance_bias.zero_()
+            self.balance_load.zero_()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (chosen experts [N, k], their weights [N, k], every expert's score [N, E]), in fp32."""
@@ -122,6 +125,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        recomputing = torch._C._current_graph_task_id() != -1  # (activation checkpointing re-runs it in backward)
+        balancing = self.training and self.balance_rate > 0 and not recomputing
+        if balancing:
+            self._balance()
         chosen, weights, scores = self.route(x)
         # dispatch: the N * k token copies sorted by expert, one run per expert
         flat = chosen.flatten()
@@ -138,6 +145,8 @@ class MoE(nn.Module):
             dist.all_reduce(load)
             load /= dist.get_world_size()
         self._observe(load, scores)
+        if balancing:
+            self.balance_load.copy_(load)
         aux = {}
         if self.aux_weight > 0 and self.training:
             probs = scores / scores.sum(-1, keepdim=True)  # (sigmoid scores made a distribution per token)
@@ -146,10 +155,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _observe(self, load: torch.Tensor, scores: torch.Tensor) -> None:
-        """Keep the router's statistics, and in training move the balancing bias toward under-loaded experts."""
+        """Keep the router's statistics of this forward pass."""
         probs = scores / scores.sum(-1, keepdim=True)
         entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
         self.stats = {"load": load, "entropy": entropy, "dropped": torch.zeros((), device=load.device)}
-        recomputing = torch._C._current_graph_task_id() != -1  # (activation checkpointing re-runs it in backward)
-        if self.training and self.balance_rate > 0 and not recomputing:
-            self.balance_bias += self.balance_rate * torch.sign(1 / self.n_experts - load)
+
+    @torch.no_grad()
+    def _balance(self) -> None:
+        """Move the bias a step toward the experts the last training forward under-loaded (none before the first)."""
+        seen = (self.balance_load.sum() > 0).float()  # (a tensor, not a host sync)
+        self.balance_bias += seen * self.balance_rate * torch.sign(1 / self.n_experts - self.balance_load)
