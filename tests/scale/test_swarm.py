@@ -200,6 +200,50 @@ def test_bf16_pseudo_gradients_round_trip_within_bf16_and_error_feedback_carries
         assert torch.allclose(received[i] + compress.residuals[i], truth[i], atol=1e-5)
 
 
+def test_norm_clip_holds_a_sync_back_until_it_has_it_all_then_scales_it_to_k_times_the_median():
+    from torchft.work import _DummyWork  # an all-reduce over one volunteer: the tensor as it is
+
+    from commonlm.scale.swarm import _Bf16WithErrorFeedback, _NormClip
+
+    class Quorum:  # torchft's Manager as the clip sees it, in a quorum of 3 where the others' updates have norms 1, 2
+        def __init__(self) -> None:
+            self.sent: list[torch.Tensor] = []
+
+        def num_participants(self) -> int:
+            return 3
+
+        def participating_rank(self) -> int:
+            return 0
+
+        def allreduce(self, tensor, should_quantize=False, reduce_op=None):
+            if tensor.shape == (3,):  # the norms: a sum of one slot each
+                tensor += torch.tensor([0.0, 1.0, 2.0])
+            else:
+                self.sent.append(tensor.clone())
+            return _DummyWork(tensor)
+
+    quorum = Quorum()
+    clip = _NormClip(quorum, count=2, max_ratio=3)
+    clip.send = _Bf16WithErrorFeedback(quorum.allreduce, count=2)  # (clipped, then compressed, as in a volunteer)
+    update = [torch.full((4,), 10.0), torch.full((3, 3), 10.0)]  # norm 10 * sqrt(13), far over 3 x the median 2
+    works = [clip(update[0].clone())]
+    assert quorum.sent == []  # nothing goes out before the sync's last tensor: the norm needs all of them
+    works.append(clip(update[1].clone()))
+    for work in works:
+        work.wait()
+    norm = 10 * 13 ** 0.5
+    assert clip.norms == pytest.approx([norm, 1.0, 2.0]) and clip.median == 2.0
+    assert clip.scale == pytest.approx(6 / norm)
+    sent_norm = torch.sqrt(sum(t.float().pow(2).sum() for t in quorum.sent))
+    assert sent_norm == pytest.approx(6.0, rel=2 ** -7)  # k x the median, within bf16
+    assert [t.dtype for t in quorum.sent] == [torch.bfloat16] * 2
+
+    honest = [torch.full((4,), 0.5), torch.full((3, 3), 0.5)]  # norm 1.8: under 3 x 2, sent as it is
+    for work in [clip(t) for t in honest]:
+        work.wait()
+    assert clip.scale == 1.0 and clip.norms[0] == pytest.approx(0.5 * 13 ** 0.5)
+
+
 def test_swarm_settings_are_checked():
     for override, key in [("train.swarm_sync_every=0", "train.swarm_sync_every"),
                           ("train.swarm_outer_momentum=1", "train.swarm_outer_momentum"),
