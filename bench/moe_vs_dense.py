@@ -1,7 +1,7 @@
 """Mixture of experts vs a dense model of equal active parameters: tokens/s and validation loss at equal wall time.
 
     .venv/bin/python bench/moe_vs_dense.py                       # 60 s of training each, tinyshakespeare, CPU
-    .venv/bin/python bench/moe_vs_dense.py --seconds 20 --experts 16 --top-k 2
+    .venv/bin/python bench/moe_vs_dense.py --seconds 0                       # the one-layer table only
 
 Both models are the CPU speedrun's shape (bench/cpu_speedrun.py: 3 layers, d_model 128, byte tokens, context 64)
 trained through the one loop (`commonlm.train.trainer.train`) with the same data, seed, batch and a constant
@@ -20,10 +20,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, machine, markdown_table, setup_threads  # noqa: E402
+import torch  # noqa: E402
+from common import load_average, machine, markdown_table, median, setup_threads, time_steps  # noqa: E402
 from cpu_speedrun import DATA, prepare  # noqa: E402
 
-from commonlm.config import load_config  # noqa: E402
+from commonlm.config import ModelConfig, load_config  # noqa: E402
+from commonlm.model.decoder import SwiGLU  # noqa: E402
+from commonlm.model.moe import MoE, grouped_mm  # noqa: E402
 from commonlm.modeldir import load_model_dir  # noqa: E402
 from commonlm.train.metrics import read_metrics  # noqa: E402
 from commonlm.train.trainer import train  # noqa: E402
@@ -43,10 +46,43 @@ def run(name: str, data: Path, out: Path, seconds: float, threads: int, model: l
             "params": decoder.num_params(), "flops": decoder.flops_per_token(config.model.max_seq_len)}
 
 
+def layer_times(d_model: int, d_ff: int, experts: int, top_k: int, tokens: int = 1024) -> list[list[str]]:
+    """Forward + backward of one MLP over `tokens` tokens: the dense SwiGLU, the mixture with the grouped kernel and
+    with the loop over experts, and the experts' matmuls alone both ways; median ms, interleaved rounds."""
+    torch.manual_seed(0)
+    dense = SwiGLU(ModelConfig(d_model=d_model, d_ff=d_ff))
+    moe = MoE(ModelConfig(d_model=d_model, n_experts=experts, experts_per_token=top_k, expert_ff_dim=d_ff // top_k))
+    moe.reset_parameters()
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    counts = torch.bincount(moe.route(x)[0].flatten(), minlength=experts)
+    copies = torch.randn(tokens * top_k, d_model, requires_grad=True)
+
+    def layer(module: torch.nn.Module, kernel: bool = True) -> None:
+        moe.experts.kernel = kernel
+        out = module(x)
+        (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+
+    def matmuls(kernel: bool) -> None:
+        grouped_mm(copies, moe.experts.gate_up_proj, counts, kernel).square().mean().backward()
+
+    cases = {"dense SwiGLU": lambda: layer(dense), "MoE, grouped kernel": lambda: layer(moe),
+             "MoE, loop over experts": lambda: layer(moe, kernel=False),
+             "experts' gate/up matmul, grouped kernel": lambda: matmuls(True),
+             "experts' gate/up matmul, loop over experts": lambda: matmuls(False)}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(5):
+        for name, case in cases.items():
+            times[name] += time_steps(case, warmup=2, steps=5, device=torch.device("cpu"))
+    baseline = {name: "experts' gate/up matmul, loop over experts" if name.startswith("experts") else "dense SwiGLU"
+                for name in cases}
+    base = {name: median(times[baseline[name]]) for name in cases}
+    return [[name, f"{1e3 * median(t):.2f}", f"{base[name] / median(t):.2f}x"] for name, t in times.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DATA, help=f"tinyshakespeare.txt (default: {DATA})")
-    ap.add_argument("--seconds", type=float, default=60.0, help="training wall time of each model")
+    ap.add_argument("--seconds", type=float, default=60.0, help="training wall time of each model (0: layers only)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--d-ff", type=int, default=384, help="the dense model's SwiGLU width (speedrun-cpu's default)")
@@ -59,9 +95,14 @@ def main() -> None:
     threads = setup_threads(args.threads)
     moe = [f"model.n_experts={args.experts}", f"model.experts_per_token={args.top_k}",
            f"model.expert_ff_dim={args.d_ff // args.top_k}", "model.balance_rate=1e-3"]
+    print(f"# moe_vs_dense · {machine()} · load {load_average()}\n\none MLP, forward + backward, 1024 tokens, "
+          f"d_model 128 (speed vs the dense SwiGLU; the matmuls alone vs the loop)\n")
+    print(markdown_table(["", "ms", "speed"], layer_times(128, args.d_ff, args.experts, args.top_k)))
+    if not args.seconds:
+        return
     with tempfile.TemporaryDirectory(prefix="moe_vs_dense-") as tmp:
         data = prepare(args.data, Path(tmp))
-        print(f"# moe_vs_dense · {machine()} · load {load_average()} · {args.seconds:g} s each", flush=True)
+        print(f"\ntraining {args.seconds:g} s each through the loop · load {load_average()}", flush=True)
         results = [run("dense", data, Path(tmp) / "dense", args.seconds, threads, [f"model.d_ff={args.d_ff}"]),
                    run(f"moe {args.experts}x{args.d_ff // args.top_k}, top-{args.top_k}", data, Path(tmp) / "moe",
                        args.seconds, threads, moe)]

@@ -52,11 +52,12 @@ class Experts(nn.Module):
         # built on the meta device and initialised there draws the same numbers as one built on the host
         self.gate_up_proj = nn.Parameter(torch.zeros(n_experts, 2 * ff_dim, d_model))
         self.down_proj = nn.Parameter(torch.zeros(n_experts, d_model, ff_dim))
+        self.kernel = True  # the grouped kernel where it takes the operands (False: the loop, for comparison)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, d], sorted by expert, counts [E] of them per expert -> each row through its expert [N, d]."""
-        gate, up = grouped_mm(x, self.gate_up_proj, counts).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+        gate, up = grouped_mm(x, self.gate_up_proj, counts, self.kernel).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, counts, self.kernel)
 
 
 def _grouped_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -70,10 +71,11 @@ def _grouped_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return aligned and x.device.type == "cpu"
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x [N, in] in runs of counts[e], run e times weight[e] [out, in] transposed -> [N, out]."""
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, kernel: bool = True) -> torch.Tensor:
+    """Rows of x [N, in] in runs of counts[e], run e times weight[e] [out, in] transposed -> [N, out]. `kernel`:
+    the grouped kernel where it takes the operands (False: the loop over experts, for comparison)."""
     weight = weight.to(x.dtype)  # (under autocast the activations are bf16, the weights fp32)
-    if _grouped_kernel(x, weight):
+    if kernel and _grouped_kernel(x, weight):
         offsets = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     runs = x.split(counts.tolist())
