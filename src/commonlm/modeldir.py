@@ -227,6 +227,10 @@ def load_weights(directory: str | Path, model: Decoder, weights: str) -> None:
             raise mismatch(f"missing weights {missing[:3]}")
         for ours, theirs in table.items():
             target, row = state[ours], 0  # a fused tensor's parts fill its rows in turn
+            if target.dim() == 3 and len(where[theirs[0]][1].shape(theirs[0])) == 2:
+                # stacked experts [E, rows, in] stored one expert's parts after another (transformers' layout):
+                # they fill the rows of a view with the first two dimensions as one
+                target = target.flatten(0, 1)
             for name in theirs:
                 stored = where[name][1]
                 flip = weights != "native" and name.endswith(hf.CONV1D)  # GPT-2's Conv1D: [in, out]

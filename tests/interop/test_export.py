@@ -104,8 +104,11 @@ def test_gguf_refuses_a_native_architecture(tmp_path):
         export_gguf(_model("llama"), Tokenizer.byte_level(), tmp_path / "m.gguf")
     # settings a transformers directory holds but this GGUF writer does not: llama.cpp would run them wrong
     for setting, match in [({"rope_scaling": "linear", "rope_factor": 2.0}, "rope_scaling"),
-                           ({"sliding_window": 16}, "sliding_window")]:
-        config = ModelConfig(family="llama", n_layer=1, n_head=2, d_model=32, vocab_size=320, **setting)
+                           ({"sliding_window": 16}, "sliding_window"),
+                           ({"family": "qwen3_moe", "qk_norm": True, "n_experts": 4, "experts_per_token": 2},
+                            "qwen3_moe")]:
+        config = ModelConfig(**{"family": "llama", "n_layer": 1, "n_head": 2, "d_model": 32, "vocab_size": 320,
+                                **setting})
         with pytest.raises(UserError, match=match):
             export_gguf(Decoder(config), _bpe(), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()

@@ -92,6 +92,8 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
         raise UserError(f"export: --quant {quant!r} is not one of {', '.join(QUANTS)}")
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     reason = hf_incompatibility(c, state)
+    if reason is None and c.family not in GGUF_ARCH:
+        reason = f"family {c.family} is not written to GGUF yet (it does: {', '.join(sorted(GGUF_ARCH))})"
     if reason is None and c.rope_scaling != "none":  # llama.cpp would run it unscaled: wrong output, no error
         reason = f"model.rope_scaling={c.rope_scaling} is not written to GGUF yet"
     if reason is None and c.sliding_window:
