@@ -109,15 +109,8 @@ def loglikelihoods(model: torch.nn.Module, pairs: list[tuple[list[int], list[int
 
 def _logits_at(model: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The logits [B, K, V] of the inputs `x` [B, T] at positions `keep` [B, K] only: the head (and the vocabulary
-    it spans) runs on those positions alone, the final norm's output being cut to them on its way to the head."""
-    def only_kept(module, inputs, hidden):
-        return hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
-
-    hook = model.norm.register_forward_hook(only_kept)
-    try:
-        return model(x)[0]
-    finally:
-        hook.remove()
+    it spans) runs on those positions alone."""
+    return model(x, keep=keep)[0]
 
 
 def check_encodable(tokenizer: Tokenizer, text: str, ids: list[int], where: str) -> None:

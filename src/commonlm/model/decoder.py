@@ -352,8 +352,10 @@ class Decoder(nn.Module):
         idx: torch.Tensor,
         cache: KVCache | None = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AuxLosses]:
-        """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), auxiliary losses by name).
+        """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only, [B, K, V] at the positions `keep`
+        [B, K] gives: the head and its vocabulary-wide matmul run only there), auxiliary losses by name).
 
         The auxiliary losses are what blocks add to the training loss (a mixture-of-experts balance loss,
         say), summed over blocks; today's models have none. The language-model loss itself is
@@ -381,10 +383,11 @@ class Decoder(nn.Module):
             x = _with_aux(out, aux)
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
-        return self.lm_head(x), aux
+        elif keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        return self.lm_head(self.norm(x)), aux
 
     # -- accounting ---------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
