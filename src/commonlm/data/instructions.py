@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import io
@@ -76,8 +77,10 @@ class Entry:
 # The library
 
 
-def library() -> list[Entry]:
-    """`entries(stdlib_modules())` as a fresh interpreter sees them (this module run as a script)."""
+@functools.lru_cache(maxsize=1)
+def library() -> tuple[Entry, ...]:
+    """`entries(stdlib_modules())` as a fresh interpreter sees them (this module run as a script); read once per
+    process (a few seconds: the chat quickstart asks twice, to size the conversations, then to build them)."""
     proc = subprocess.run([sys.executable, "-m", __name__], capture_output=True, text=True)
     try:
         found = json.loads(proc.stdout) if proc.returncode == 0 else None
@@ -86,7 +89,8 @@ def library() -> list[Entry]:
     if found is None:
         why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"instructions: reading the standard library in a fresh {sys.executable} failed ({why})")
-    return [Entry(**{**e, "params": tuple(e["params"]), "members": tuple(map(tuple, e["members"]))}) for e in found]
+    return tuple(Entry(**{**e, "params": tuple(e["params"]), "members": tuple(map(tuple, e["members"]))})
+                 for e in found)
 
 
 def stdlib_modules() -> list[tuple[str, ModuleType]]:
