@@ -25,7 +25,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class ModelConfig:
     """Shape and switches of the one decoder. `family` picks the Hugging Face class it exports as."""
 
-    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe"] = "llama"
+    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3"] = "llama"
     vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to a multiple of 64
     n_layer: int = 4
     n_head: int = 4
@@ -69,6 +69,19 @@ class ModelConfig:
     router_norm_topk: bool = True  # the k chosen scores renormalised to sum to 1
     balance_rate: float = 0.0  # auxiliary-loss-free balancing: the bias step per training forward (DeepSeek: 1e-3)
     router_aux_loss: float = 0.0  # weight of the load-balancing auxiliary loss; 0: none
+    router_bias: bool = False  # a per-expert bias on scores, for the choice only (DeepSeek-V3); balance_rate steps it
+    router_scale: float = 1.0  # the chosen experts' weights times this (DeepSeek-V3's routed_scaling_factor)
+    expert_groups: int = 1  # experts split into this many groups; a token picks among the best groups_per_token ...
+    groups_per_token: int = 1  # ... groups, a group scored by its two best experts (DeepSeek-V3's n_group, topk_group)
+    dense_layers: int = 0  # with experts: the first this many layers keep a dense MLP (first_k_dense_replace)
+    # multi-head latent attention (DeepSeek-V2/V3, model/mla.py): kv_lora_rank > 0 compresses keys and values into one
+    # latent of that size per token (what the KV cache stores, with one shared rotary key of qk_rope_head_dim)
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # queries through a latent of this size too; 0: one plain projection
+    qk_nope_head_dim: int = 0  # latent attention: each head's query/key dimensions without rotary positions ...
+    qk_rope_head_dim: int = 0  # ... and with them (the key's part shared by all heads)
+    v_head_dim: int = 0  # latent attention: each head's value dimension
+    rope_mscale_all_dim: float = 0.0  # yarn, latent attention: softmax scale x (0.1 * this * ln(rope_factor) + 1)^2
 
     @property
     def moe_ff_dim(self) -> int:
@@ -80,7 +93,15 @@ class ModelConfig:
 
     @property
     def dim_head(self) -> int:
+        """Each head's query/key dimension (latent attention: its unrotated and rotated parts together)."""
+        if self.kv_lora_rank:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions of a head that rotary positions rotate."""
+        return self.qk_rope_head_dim if self.kv_lora_rank else self.dim_head
 
     @property
     def ff_dim(self) -> int:
@@ -100,7 +121,7 @@ class ModelConfig:
         _check(self.d_ff >= 0, "model.d_ff", self.d_ff, "must be >= 0 (0 = from model.mlp)")
         _check(self.init_std > 0, "model.init_std", self.init_std, "must be positive")
         _check(
-            self.head_dim > 0 or self.d_model % self.n_head == 0,
+            self.head_dim > 0 or self.kv_lora_rank > 0 or self.d_model % self.n_head == 0,
             "model.d_model",
             self.d_model,
             f"must be divisible by model.n_head={self.n_head} (or set model.head_dim)",
@@ -111,7 +132,8 @@ class ModelConfig:
             self.n_kv_head,
             f"must divide model.n_head={self.n_head}",
         )
-        _check(self.dim_head % 2 == 0 or self.pos_emb != "rope", "model.head_dim", self.dim_head, "must be even")
+        _check(self.dim_head % 2 == 0 or self.pos_emb != "rope" or self.kv_lora_rank, "model.head_dim", self.dim_head,
+               "must be even")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
         _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
         _check(self.rope_scaling == "none" or self.pos_emb == "rope", "model.rope_scaling", self.rope_scaling,
@@ -141,6 +163,40 @@ class ModelConfig:
             _check(self.balance_rate >= 0, "model.balance_rate", self.balance_rate, "must be >= 0 (0 = off)")
             _check(self.router_aux_loss >= 0, "model.router_aux_loss", self.router_aux_loss, "must be >= 0 (0 = off)")
             _check(not self.bias, "model.bias", self.bias, "experts have no biases: set model.bias=false")
+            _check(self.router_scale > 0, "model.router_scale", self.router_scale, "must be positive")
+            _check(self.expert_groups >= 1 and self.n_experts % self.expert_groups == 0, "model.expert_groups",
+                   self.expert_groups, f"must divide model.n_experts={self.n_experts}")
+            _check(1 <= self.groups_per_token <= self.expert_groups, "model.groups_per_token", self.groups_per_token,
+                   f"must be in [1, model.expert_groups={self.expert_groups}]")
+            _check(self.expert_groups == 1 or self.n_experts // self.expert_groups >= 2, "model.expert_groups",
+                   self.expert_groups, "leaves fewer than 2 experts per group (a group is scored by its best two)")
+            _check(self.experts_per_token <= self.groups_per_token * (self.n_experts // self.expert_groups),
+                   "model.experts_per_token", self.experts_per_token, "exceeds the experts of the groups a token picks")
+            _check(0 <= self.dense_layers < self.n_layer, "model.dense_layers", self.dense_layers,
+                   f"must be in [0, model.n_layer={self.n_layer}) (0 dense layers first; all dense: n_experts=0)")
+        _check(self.dense_layers == 0 or self.n_experts > 0, "model.dense_layers", self.dense_layers,
+               "counts the dense layers before the expert layers: set model.n_experts, or leave it at 0")
+        _check(self.rope_mscale_all_dim == 0 or self.kv_lora_rank > 0 and self.rope_scaling == "yarn",
+               "model.rope_mscale_all_dim", self.rope_mscale_all_dim,
+               "scales latent attention's softmax under yarn: set model.kv_lora_rank and rope_scaling=yarn, or 0")
+        if self.kv_lora_rank or self.family == "deepseek_v3":
+            self._validate_latent_attention()
+
+    def _validate_latent_attention(self) -> None:
+        _check(self.kv_lora_rank > 0, "model.kv_lora_rank", self.kv_lora_rank,
+               "must be positive for family deepseek_v3 (its attention is latent)")
+        for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name),
+                   "must be positive with latent attention (model.kv_lora_rank > 0)")
+        _check(self.q_lora_rank >= 0, "model.q_lora_rank", self.q_lora_rank, "must be >= 0 (0 = a plain q projection)")
+        _check(self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", self.qk_rope_head_dim, "must be even")
+        _check(self.pos_emb == "rope", "model.pos_emb", self.pos_emb, "latent attention needs rope (its decoupled key)")
+        _check(self.head_dim == 0, "model.head_dim", self.head_dim,
+               "latent attention sizes heads with qk_nope_head_dim, qk_rope_head_dim, v_head_dim: leave it at 0")
+        _check(self.kv_heads == self.n_head, "model.n_kv_head", self.n_kv_head,
+               "latent attention up-projects keys and values for every head: leave it at 0")
+        _check(not self.qk_norm, "model.qk_norm", self.qk_norm, "latent attention normalises its latents instead")
+        _check(self.rope_mscale_all_dim >= 0, "model.rope_mscale_all_dim", self.rope_mscale_all_dim, "must be >= 0")
 
 
 @dataclass
@@ -192,8 +248,10 @@ class TrainConfig:
     max_nonfinite: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
     threads: int = 0  # CPU threads for torch; 0: the CPUs other processes leave free, re-checked (threads.py)
     # several processes (torchrun): ddp keeps a whole copy of the model and its optimizer on each; fsdp shards
-    # weights, gradients and optimizer state over them (train/parallel.py) and checkpoints with DCP
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # weights, gradients and optimizer state over them (train/parallel.py) and checkpoints with DCP; hsdp shards
+    # within groups of shard_size processes and replicates across the groups (a 2-D mesh: replicas x shard_size)
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    shard_size: int = 0  # hsdp: processes per shard group (the world size must be a multiple); 0: those of a node
     # continue from the newest checkpoint in the run directory when it has one, else start: the same command
     # line serves the first start and every restart (torchrun --max-restarts, a requeued or preempted job)
     auto_resume: bool = False
@@ -226,8 +284,11 @@ class TrainConfig:
     swarm_sync_every: int = 100  # H: inner steps between outer syncs (make max_steps a multiple of it)
     swarm_outer_lr: float = 0.7  # outer SGD on the averaged pseudo-gradients (the DiLoCo paper's values)
     swarm_outer_momentum: float = 0.9  # Nesterov; 0: plain averaging steps
-    # what a pseudo-gradient is sent as: fp32 (none), or bf16 with error feedback (half the bytes)
-    swarm_compress: Literal["none", "bf16"] = "none"
+    # what a pseudo-gradient is sent as (scale/compress.py): fp32 (none); bf16 (half the bytes), int8 (a quarter) or
+    # its largest entries (topk), each with error feedback
+    swarm_compress: Literal["none", "bf16", "int8", "topk"] = "none"
+    swarm_topk: float = 0.01  # topk: the fraction of each pseudo-gradient's entries sent at a sync
+    swarm_fragments: int = 1  # Streaming DiLoCo: the model in this many fragments of blocks, synced H / N steps apart
     swarm_min_replicas: int = 1  # apply an outer step only when at least this many volunteers took part
     swarm_timeout: float = 120.0  # seconds for an all-reduce, a commit, fetching a peer's state, connecting
     swarm_quorum_timeout: float = 3600.0  # seconds a sync waits for the lighthouse's quorum (others are slower)
@@ -255,8 +316,9 @@ class TrainConfig:
         _check(0 <= self.muon_momentum < 1, "train.muon_momentum", self.muon_momentum, "must be in [0, 1)")
         _check(1 <= self.muon_ns_steps < 100, "train.muon_ns_steps", self.muon_ns_steps, "must be in [1, 100)")
         _check(self.muon_lr_ratio > 0, "train.muon_lr_ratio", self.muon_lr_ratio, "must be positive")
-        _check(self.optimizer == "adamw" or self.parallel == "ddp", "train.optimizer", self.optimizer,
-               "does not shard yet (Newton-Schulz needs whole matrices): use train.parallel=ddp, or optimizer=adamw")
+        _check(self.shard_size >= 0, "train.shard_size", self.shard_size, "must be >= 0 (0: the processes of a node)")
+        _check(self.parallel == "hsdp" or not self.shard_size, "train.shard_size", self.shard_size,
+               "is for train.parallel=hsdp (processes per shard group): set train.parallel=hsdp, or leave it at 0")
         _check(self.optimizer == "adamw" or not self.swarm, "train.optimizer", self.optimizer,
                "is not a swarm volunteer's inner optimizer yet: use train.optimizer=adamw with train.swarm")
         if self.objective == "grpo":
@@ -283,8 +345,12 @@ class TrainConfig:
         host, _, port = self.swarm.removeprefix("http://").rpartition(":")
         _check(bool(host) and port.isdigit(), "train.swarm", self.swarm,
                "must be the lighthouse's HOST:PORT (what `commonlm swarm lighthouse` prints)")
-        for name in ("swarm_sync_every", "swarm_min_replicas"):
+        for name in ("swarm_sync_every", "swarm_min_replicas", "swarm_fragments"):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be at least 1")
+        _check(self.swarm_sync_every % self.swarm_fragments == 0, "train.swarm_fragments", self.swarm_fragments,
+               f"must divide train.swarm_sync_every={self.swarm_sync_every} (a fragment is synced every H / N steps)")
+        _check(0 < self.swarm_topk <= 1, "train.swarm_topk", self.swarm_topk,
+               "must be in (0, 1]: the fraction of each pseudo-gradient's entries sent (e.g. 0.01)")
         for name in ("swarm_outer_lr", "swarm_timeout", "swarm_quorum_timeout"):
             _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be positive")
         _check(0 <= self.swarm_outer_momentum < 1, "train.swarm_outer_momentum", self.swarm_outer_momentum,

@@ -107,11 +107,14 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(byte_data, tmp_path):
 
 @pytest.mark.parametrize("setting,match", [("muon_momentum=1.0", "train.muon_momentum"),
                                            ("muon_ns_steps=0", "train.muon_ns_steps"),
-                                           ("muon_lr_ratio=0", "train.muon_lr_ratio"),
-                                           ("parallel=fsdp", "train.optimizer")])
+                                           ("muon_lr_ratio=0", "train.muon_lr_ratio")])
 def test_bad_settings_are_one_line_errors(setting, match):
     name, value = setting.split("=")
-    cfg = TrainConfig(optimizer="muon", **{name: type(getattr(TrainConfig(), name))(float(value))
-                                           if name != "parallel" else value})
+    cfg = TrainConfig(optimizer="muon", **{name: type(getattr(TrainConfig(), name))(float(value))})
     with pytest.raises(UserError, match=match):
         cfg.validate()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "hsdp"])
+def test_muon_shards(parallel):
+    TrainConfig(optimizer="muon", parallel=parallel).validate()  # (tests/train/test_fsdp_muon.py runs it)

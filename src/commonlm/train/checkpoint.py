@@ -99,7 +99,7 @@ def save_sharded_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: to
     renames the whole into place after every rank has finished. The path on rank 0, None on the others."""
     final = checkpoint_dir(run_dir) / f"step_{int(state['step']):06d}"
     weights = full_state_dict(model)  # (collectives: every rank, in the same order)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, _parts(optimizer))
     with ExitStack() as publish:
         tmp = publish.enter_context(atomic_dir(final, overwrite=True)) if world.is_main else None
         tmp = _rank0_path(tmp, world, _device_of(model))
@@ -114,6 +114,12 @@ def save_sharded_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: to
         return None
     _keep_last(run_dir, keep_last)
     return final
+
+
+def _parts(optimizer) -> tuple[torch.optim.Optimizer, ...]:
+    """What DCP's state-dict helpers take: the optimizer, or the ones a combined optimizer steps (MuonWithAdamW:
+    Muon's momentum and AdamW's moments, keyed by parameter name alike)."""
+    return tuple(getattr(optimizer, "optimizers", (optimizer,)))
 
 
 @contextmanager
@@ -178,12 +184,12 @@ def load_training_state(
         if sharded:
             if model is None:
                 raise ValueError("a sharded checkpoint needs the model to load into")
-            model_state, optimizer_state = get_state_dict(model, optimizer)
+            model_state, optimizer_state = get_state_dict(model, _parts(optimizer))
             both = {"model": model_state, "optimizer": optimizer_state}
             # into this rank's shards, whatever they are now
             with _one_process_is_meant():
                 dcp.load(both, checkpoint_id=ckpt / SHARDED, no_dist=not dist.is_initialized())
-            set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+            set_state_dict(model, _parts(optimizer), model_state_dict=both["model"], optim_state_dict=both["optimizer"])
         else:
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     except (OSError, ValueError, RuntimeError, dcp.CheckpointException) as e:

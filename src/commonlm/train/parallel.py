@@ -8,7 +8,10 @@
 `parallelize` compiles each block (train.compile), then, when torchrun started several processes, either
 wraps the model in DDP (train.parallel=ddp: every rank holds the whole model and optimizer) or shards it with
 FSDP2 (train.parallel=fsdp: `fully_shard` on each block, then the root; a rank holds 1/N of the weights,
-gradients and AdamW moments, and gathers a block's weights just for its forward and backward).
+gradients and AdamW moments, and gathers a block's weights just for its forward and backward), or shards it
+within groups and replicates it across them (train.parallel=hsdp: FSDP2 on a 2-D mesh of replicas x
+train.shard_size; the gathers stay inside a group -- a node, say -- and only the gradient all-reduce crosses
+groups, at 1/shard_size of DDP's bytes).
 
 Under fsdp the model is initialised (or loaded) whole on each rank *before* it is sharded, so that a run
 starts from exactly the weights one process would (initialising DTensor shards draws other random numbers);
@@ -19,18 +22,20 @@ exists. Sharded state goes to disk through torch.distributed.checkpoint (train/c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from commonlm.config import RunConfig
+from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 from commonlm.runtime import pick_dtype
 from commonlm.world import World
@@ -69,19 +74,32 @@ def parallelize(model: nn.Module, config: RunConfig, world: World, device: torch
     if config.train.compile:
         for block in model.blocks:
             block.compile()
-    if world.distributed and config.train.parallel == "fsdp":
-        return shard(model, world, device, bf16=pick_dtype(config.train.dtype, device) == torch.bfloat16)
+    if world.distributed and config.train.parallel in ("fsdp", "hsdp"):
+        mesh = device_mesh(config, world, device)
+        return shard(model, mesh, bf16=pick_dtype(config.train.dtype, device) == torch.bfloat16)
     if world.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
 
-def shard(model: Decoder, world: World, device: torch.device, bf16: bool) -> Decoder:
+def device_mesh(config: RunConfig, world: World, device: torch.device) -> DeviceMesh:
+    """fsdp: one dimension over every process. hsdp: (replicas, shard_size), a shard group being consecutive
+    ranks (those of a node, under torchrun's numbering), so FSDP2 shards along the second dimension and
+    all-reduces gradients along the first."""
+    if config.train.parallel == "fsdp":
+        return init_device_mesh(device.type, (world.size,))
+    shard_size = config.train.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    if world.size % shard_size:
+        raise UserError(f"train.shard_size={shard_size}: the {world.size} processes do not split into groups of "
+                        f"that many; choose a divisor of {world.size} (or start a multiple of {shard_size} processes)")
+    return init_device_mesh(device.type, (world.size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: Decoder, mesh: DeviceMesh, bf16: bool) -> Decoder:
     """FSDP2 in place: each block is one unit of gathering (its weights whole only during its forward and
     backward), the root holds the rest (embeddings, final norm, head: tied weights stay one parameter). With
     bf16 the gathered weights and the computation are bf16 while the sharded weights, the optimizer and the
     gradient reduction stay fp32 (FSDP's mixed precision: what autocast gives one process, at half the traffic)."""
-    mesh = init_device_mesh(device.type, (world.size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
     for block in model.blocks:

@@ -32,6 +32,7 @@ from commonlm.config import RunConfig, config_from_dict, read_yaml
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
+from commonlm.model.moe import router_metrics
 from commonlm.modeldir import load_model_dir, save_model_dir
 from commonlm.runtime import pick_device, pick_dtype
 from commonlm.scale.swarm import volunteer
@@ -204,6 +205,9 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
         model, init_tok, _ = load_model_dir(init, device=device)
         if init_tok.hash != tokenizer.hash:
             raise UserError(f"--init {init}: its tokenizer differs from the data's; prepare the data with {init}")
+        from commonlm.train.extend import continued_model
+
+        model = continued_model(model, config.model, init, device)  # --set model.max_seq_len=... (a longer context)
         config.model = model.config
     else:
         resolve_vocab(config, tokenizer)
@@ -261,7 +265,7 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
 
     def save(step_state: dict[str, Any]) -> Path | None:
         path = None
-        if cfg.parallel == "fsdp":  # every rank writes its shards (DCP), at any number of processes
+        if cfg.parallel in ("fsdp", "hsdp"):  # every rank writes its shards (DCP), at any number of processes
             path = ckpt.save_sharded_checkpoint(out, model, optimizer, tokenizer, config, step_state, cfg.keep_last,
                                                 world)
         elif world.is_main:  # (DDP: every rank holds the whole weights)
@@ -378,6 +382,10 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
                 # and the few metrics the objective names as the ones to watch (GRPO's reward, say)
                 watched = "".join(f" · {name.replace('_', ' ')} {record[name]:.4g}"
                                   for name in getattr(objective, "shown", ()) if name in record)
+                if routers := router_metrics(raw_model):  # (a mixture of experts: its last forward's routing)
+                    record |= routers
+                    watched += (f" · MoE balance {routers['moe_balance']:.2f} entropy "
+                                f"{routers['moe_router_entropy']:.2f}")
                 metrics.log(record, f"{where} · loss {last_loss:.4f}{watched} · lr {lr:.2e} · "
                                     f"{human(tok_s)} tok/s · MFU {100 * mfu:.1f}%")
 
