@@ -101,12 +101,7 @@ def _syncs(run: Path) -> list[dict]:
 @needs_namespace
 @pytest.mark.parametrize("compress", ["none", "bf16"])
 def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local_data, tmp_path, compress):
-    a, b = tmp_path / "a", tmp_path / "b"
-    setting = f"train.swarm_compress={compress}"
-    out = _run_in_namespace(tmp_path, 2, "\n".join([
-        _volunteer(local_data[0], a, 6, setting), "A=$!", _volunteer(local_data[1], b, 6, setting), "B=$!",
-        "wait $A; echo a exit $?", "wait $B; echo b exit $?"]))
-    assert "a exit 0" in out and "b exit 0" in out, out + _log_tail(Path(f"{a}.log")) + _log_tail(Path(f"{b}.log"))
+    a, b = _two_volunteers(local_data, tmp_path, 6, f"train.swarm_compress={compress}")
 
     for run in (a, b):
         syncs = _syncs(run)
@@ -119,20 +114,10 @@ def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local
     assert _syncs(a)[0]["swarm_payload_bytes"] == _syncs(b)[0]["swarm_payload_bytes"]
 
     # after each sync (checkpoints at steps 3 and 6) both volunteers hold the same global weights
-    for step_dir in ("checkpoints/step_000003", "checkpoints/step_000006", "final"):
-        wa, wb = _weights(a / step_dir), _weights(b / step_dir)
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), step_dir
+    _assert_same_weights(a, b, "checkpoints/step_000003", "checkpoints/step_000006", "final")
 
-    # ... and they are the outer Nesterov step on the averaged pseudo-gradients: each volunteer's weights after its
-    # own 3 inner steps come from the same run without the swarm, stopped there
-    local = []
-    for i, data in enumerate(local_data[:2]):
-        alone = train(_config(data, "train.max_steps=6"), tmp_path / f"alone{i}", stop_at_step=3)
-        local.append(_weights(alone.run_dir / "checkpoints/step_000003"))
-    config = _config(local_data[0])
-    resolve_vocab(config, Tokenizer.load(local_data[0]))
-    start = build_model(config, meta=True)
-    init_weights(start, config.train.seed, torch.device("cpu"))
+    # ... and they are the outer Nesterov step on the averaged pseudo-gradients
+    start, local = _start_and_alone(local_data, tmp_path)
     start_weights = start.state_dict()
     global_1 = _weights(a / "checkpoints/step_000003")
     lr, momentum = 0.7, 0.9  # the defaults; the first Nesterov step moves by lr * (1 + momentum) * g
@@ -145,6 +130,81 @@ def test_two_volunteers_hold_the_same_global_weights_after_each_outer_step(local
         assert ((global_1[key] - expected).abs() <= allowed).all(), key
         if compress == "bf16":  # (and the rounding did happen: not the fp32 result)
             assert not torch.equal(global_1[key], expected) or pseudo_gradients[0].abs().max() == 0, key
+
+
+def _two_volunteers(local_data, tmp_path: Path, max_steps: int, *settings: str) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = _run_in_namespace(tmp_path, 2, "\n".join([
+        _volunteer(local_data[0], a, max_steps, *settings), "A=$!",
+        _volunteer(local_data[1], b, max_steps, *settings), "B=$!",
+        "wait $A; echo a exit $?", "wait $B; echo b exit $?"]))
+    assert "a exit 0" in out and "b exit 0" in out, out + _log_tail(Path(f"{a}.log")) + _log_tail(Path(f"{b}.log"))
+    return a, b
+
+
+def _assert_same_weights(a: Path, b: Path, *step_dirs: str) -> None:
+    for step_dir in step_dirs:
+        wa, wb = _weights(a / step_dir), _weights(b / step_dir)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), step_dir
+
+
+def _start_and_alone(local_data, tmp_path: Path) -> tuple[torch.nn.Module, list[dict]]:
+    """The volunteers' common initial model, and each one's weights after its own first 3 inner steps: the same run
+    without the swarm, stopped there."""
+    local = []
+    for i, data in enumerate(local_data[:2]):
+        alone = train(_config(data, "train.max_steps=6"), tmp_path / f"alone{i}", stop_at_step=3)
+        local.append(_weights(alone.run_dir / "checkpoints/step_000003"))
+    config = _config(local_data[0])
+    resolve_vocab(config, Tokenizer.load(local_data[0]))
+    start = build_model(config, meta=True)
+    init_weights(start, config.train.seed, torch.device("cpu"))
+    return start, local
+
+
+@pytest.mark.slow
+@needs_namespace
+@pytest.mark.parametrize("compress", ["int8", "topk"])
+def test_int8_and_topk_volunteers_hold_the_same_weights_and_their_first_step_is_the_compressed_average(
+        local_data, tmp_path, compress):
+    from commonlm.scale.compress import BLOCK, dequantize_int8, quantize_int8, top_k
+
+    a, b = _two_volunteers(local_data, tmp_path, 9, f"train.swarm_compress={compress}", "train.swarm_topk=0.05")
+    _assert_same_weights(a, b, "checkpoints/step_000003", "checkpoints/step_000006", "checkpoints/step_000009",
+                         "final")
+    start, local = _start_and_alone(local_data, tmp_path)
+    names = [name for name, _ in start.named_parameters()]  # (what DiLoCo sends, in its order; a tied weight once)
+    sizes = [p.numel() for _, p in start.named_parameters()]
+    w0 = start.state_dict()
+    pseudo_gradients = [torch.cat([(w0[k] - weights[k]).flatten() for k in names]) for weights in local]
+    if compress == "int8":  # each volunteer's blocks of 256 in int8, averaged, the average in int8 again
+        padded = [torch.nn.functional.pad(g, (0, -g.numel() % (2 * BLOCK))) for g in pseudo_gradients]
+        average = sum(dequantize_int8(*quantize_int8(g)) for g in padded) / 2
+        average = dequantize_int8(*quantize_int8(average))[:sum(sizes)]
+        payload = padded[0].numel() * (1 + 4 / BLOCK)  # int8 values and an fp32 scale per block
+    else:  # each parameter's 5% largest entries, as bf16, summed densely and halved
+        average = torch.zeros(sum(sizes))
+        for g in pseudo_gradients:
+            for part, offset in zip(g.split(sizes), [sum(sizes[:i]) for i in range(len(sizes))], strict=True):
+                chosen = top_k(part, 0.05)
+                average[chosen + offset] += part[chosen].to(torch.bfloat16).float()
+        average /= 2
+        payload = 6 * sum(-(-size * 5 // 100) for size in sizes)  # int32 position and bf16 value per entry
+    true_average = (pseudo_gradients[0] + pseudo_gradients[1]) / 2
+    assert not torch.allclose(average, true_average, atol=1e-7)  # (it is compressed)
+    step = 0.7 * (1 + 0.9)  # the outer optimizer's first Nesterov step: lr * (1 + momentum) * g
+    global_1 = _weights(a / "checkpoints/step_000003")
+    moved = torch.cat([(w0[k] - global_1[k]).flatten() for k in names])
+    assert torch.allclose(moved, step * average, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(moved, step * true_average, rtol=1e-4, atol=1e-6)  # (and not the uncompressed one)
+
+    for run in (a, b):
+        syncs = _syncs(run)
+        assert [(r["step"], r["swarm_committed"], r["swarm_volunteers"]) for r in syncs] == [
+            (3, True, 2), (6, True, 2), (9, True, 2)]
+        assert all(r["swarm_payload_bytes"] == payload == r["swarm_sent_bytes"] for r in syncs)  # 2(n-1)/n = 1
+        losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+        assert len(losses) == 9 and sum(losses[-3:]) < sum(losses[:3])  # it learns
 
 
 @pytest.mark.slow
@@ -173,16 +233,26 @@ def test_a_leaver_does_not_stop_the_others_and_a_late_joiner_heals_from_a_peer(l
 def test_bf16_pseudo_gradients_round_trip_within_bf16_and_error_feedback_carries_the_remainder():
     from torchft.work import _DummyWork  # an all-reduce over one volunteer: the tensor as it is
 
-    from commonlm.scale.swarm import _Bf16WithErrorFeedback
+    from commonlm.scale.compress import Bf16WithErrorFeedback, Calls
 
     sent_shapes = []
 
-    def allreduce(tensor, should_quantize=False):
-        sent_shapes.append((tensor.dtype, tuple(tensor.shape)))
-        return _DummyWork(tensor)
+    class Alone:  # torchft's Manager as the compressor sees it: one volunteer, every sync applied
+        step = 0
+
+        def current_step(self) -> int:
+            return self.step
+
+        def num_participants(self) -> int:
+            return 1
+
+        def allreduce(self, tensor, should_quantize=False):
+            sent_shapes.append((tensor.dtype, tuple(tensor.shape)))
+            return _DummyWork(tensor)
 
     generator = torch.Generator().manual_seed(0)
-    compress = _Bf16WithErrorFeedback(allreduce, count=2)
+    manager = Alone()
+    compress = Bf16WithErrorFeedback(manager, manager.allreduce, Calls(manager, [2]))
     truth = [torch.zeros(300), torch.zeros(7, 5)]
     received = [torch.zeros(300), torch.zeros(7, 5)]
     for sync in range(20):
@@ -194,16 +264,19 @@ def test_bf16_pseudo_gradients_round_trip_within_bf16_and_error_feedback_carries
             assert torch.allclose(tensor, pseudo_gradient, rtol=2 ** -7, atol=2 ** -7)
             truth[i] += pseudo_gradient
             received[i] += tensor
+        compress.remainders.settle(True)
+        manager.step += 1
     assert sent_shapes[:2] == [(torch.bfloat16, (300,)), (torch.bfloat16, (7, 5))]
     for i in range(2):
         # over 20 syncs the rounding errors do not add up: what arrived is the truth less the last remainder only
-        assert torch.allclose(received[i] + compress.residuals[i], truth[i], atol=1e-5)
+        assert torch.allclose(received[i] + compress.remainders.kept[(0, i)], truth[i], atol=1e-5)
 
 
 def test_norm_clip_holds_a_sync_back_until_it_has_it_all_then_scales_it_to_k_times_the_median():
     from torchft.work import _DummyWork  # an all-reduce over one volunteer: the tensor as it is
 
-    from commonlm.scale.swarm import _Bf16WithErrorFeedback, _NormClip
+    from commonlm.scale.compress import Bf16WithErrorFeedback, Calls
+    from commonlm.scale.swarm import _NormClip
 
     class Quorum:  # torchft's Manager as the clip sees it, in a quorum of 3 where the others' updates have norms 1, 2
         def __init__(self) -> None:
@@ -211,6 +284,9 @@ def test_norm_clip_holds_a_sync_back_until_it_has_it_all_then_scales_it_to_k_tim
 
         def num_participants(self) -> int:
             return 3
+
+        def current_step(self) -> int:
+            return 0
 
         def participating_rank(self) -> int:
             return 0
@@ -223,8 +299,9 @@ def test_norm_clip_holds_a_sync_back_until_it_has_it_all_then_scales_it_to_k_tim
             return _DummyWork(tensor)
 
     quorum = Quorum()
-    clip = _NormClip(quorum, count=2, max_ratio=3)
-    clip.send = _Bf16WithErrorFeedback(quorum.allreduce, count=2)  # (clipped, then compressed, as in a volunteer)
+    clip = _NormClip(quorum, Calls(quorum, [2]), max_ratio=3)
+    # (clipped, then compressed, as in a volunteer)
+    clip.send = Bf16WithErrorFeedback(quorum, quorum.allreduce, Calls(quorum, [2]))
     update = [torch.full((4,), 10.0), torch.full((3, 3), 10.0)]  # norm 10 * sqrt(13), far over 3 x the median 2
     works = [clip(update[0].clone())]
     assert quorum.sent == []  # nothing goes out before the sync's last tensor: the norm needs all of them
@@ -250,7 +327,11 @@ def test_swarm_settings_are_checked():
                           ("train.swarm_outer_lr=0", "train.swarm_outer_lr"),
                           ("train.swarm_port=70000", "train.swarm_port"),
                           ("train.swarm=nowhere", "train.swarm"),
-                          ("train.swarm_compress=int8", "swarm_compress"),
+                          ("train.swarm_compress=fp8", "swarm_compress"),
+                          ("train.swarm_topk=0", "train.swarm_topk"),
+                          ("train.swarm_topk=1.5", "train.swarm_topk"),
+                          ("train.swarm_fragments=0", "train.swarm_fragments"),
+                          ("train.swarm_fragments=3", "train.swarm_fragments"),  # (H = 100 is not a multiple of 3)
                           ("train.swarm_max_norm_ratio=0.5", "train.swarm_max_norm_ratio")]:
         with pytest.raises(UserError, match=key):
             load_config("tiny", ["train.swarm=127.0.0.1:29510", override]).validate()

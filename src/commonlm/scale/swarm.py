@@ -52,6 +52,14 @@ import torch.nn as nn
 
 from commonlm.config import RunConfig
 from commonlm.errors import UserError
+from commonlm.scale.compress import (
+    Bf16WithErrorFeedback,
+    Calls,
+    Deferred,
+    Int8WithErrorFeedback,
+    Plain,
+    TopKWithErrorFeedback,
+)
 from commonlm.train.metrics import Metrics
 from commonlm.utils import human
 from commonlm.world import World
@@ -87,9 +95,10 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["inner_optimizer"])
 
+    pg = ProcessGroupGloo(timeout=timeout)
     try:
         manager = Manager(
-            pg=ProcessGroupGloo(timeout=timeout), load_state_dict=load_state_dict, state_dict=state_dict,
+            pg=pg, load_state_dict=load_state_dict, state_dict=state_dict,
             min_replica_size=cfg.swarm_min_replicas, use_async_quorum=False, timeout=timeout,
             quorum_timeout=timedelta(seconds=cfg.swarm_quorum_timeout), connect_timeout=timeout,
             rank=0, world_size=1, store_addr=advertise, store_port=store.port, lighthouse_addr=lighthouse,
@@ -98,20 +107,23 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
     except Exception as e:  # torchft's RuntimeErrors: the lighthouse not there, a port taken
         raise UserError(f"train.swarm: cannot join the lighthouse at {cfg.swarm}: {e}. Is `commonlm swarm "
                         f"lighthouse` running there, and reachable from this machine?") from None
+    fragments = _fragments(model, cfg.swarm_fragments)
+    counts = [len(list(fragment.parameters())) for fragment in fragments]  # (a tied weight once, as DiLoCo sends)
     clip = None
     if cfg.swarm_max_norm_ratio:
-        clip = _NormClip(manager, len(list(model.parameters())), cfg.swarm_max_norm_ratio)
-    if cfg.swarm_compress == "bf16":
-        # (the method DiLoCo sends the pseudo-gradients by, one parameter at a time)
-        manager.allreduce = _Bf16WithErrorFeedback(manager.allreduce, len(list(model.parameters())))
+        clip = _NormClip(manager, Calls(manager, counts), cfg.swarm_max_norm_ratio)
+    # (the method DiLoCo sends the pseudo-gradients by, one parameter at a time)
+    sender = _sender(cfg.swarm_compress, cfg.swarm_topk, manager, pg, counts)
+    manager.allreduce = sender
     if clip is not None:
-        clip.send = manager.allreduce  # (clipped, then compressed)
+        clip.send = sender  # (clipped, then compressed)
         manager.allreduce = clip
     momentum = cfg.swarm_outer_momentum
-    outer = torch.optim.SGD(model.parameters(), lr=cfg.swarm_outer_lr, momentum=momentum, nesterov=momentum > 0)
+    outers = [torch.optim.SGD(fragment.parameters(), lr=cfg.swarm_outer_lr, momentum=momentum,
+                              nesterov=momentum > 0) for fragment in fragments]  # (one each: see _fragments)
     try:
-        with DiLoCo(manager, [model], optimizer, outer, sync_every=cfg.swarm_sync_every, pin_memory=False):
-            counter = _SyncLog(manager, model, cfg.swarm_sync_every, metrics, step, cfg.swarm_compress, clip)
+        with DiLoCo(manager, fragments, optimizer, outers, sync_every=cfg.swarm_sync_every, pin_memory=False):
+            counter = _SyncLog(manager, cfg.swarm_sync_every, len(fragments), metrics, step, sender, clip)
             hook = optimizer.register_step_post_hook(counter)  # after DiLoCo's: sees the sync that just happened
             clock = optimizer.register_step_pre_hook(counter.before)
             try:
@@ -127,6 +139,40 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
         manager.shutdown(wait=False)
 
 
+def _sender(compress: str, fraction: float, manager, pg, counts: list[int]):
+    """What stands in for Manager.allreduce to send the pseudo-gradients (scale/compress.py)."""
+    if compress == "bf16":
+        return Bf16WithErrorFeedback(manager, manager.allreduce, Calls(manager, counts))
+    if compress == "int8":
+        return Int8WithErrorFeedback(manager, pg, Calls(manager, counts))
+    if compress == "topk":
+        return TopKWithErrorFeedback(manager, pg, Calls(manager, counts), fraction)
+    return Plain(manager, manager.allreduce)
+
+
+def _fragments(model: nn.Module, count: int) -> list[nn.Module]:
+    """The model as Streaming DiLoCo's `count` fragments of whole blocks, in order (the embedding with the first, the
+    final norm and head with the last), each synced at its own step; one: the model itself. A fragment holds the
+    model's own parameters (a tied weight once), so DiLoCo's copies and outer steps act on the model; each has its
+    own outer optimizer, because at a fragment's sync the other parameters still hold inner gradients."""
+    if count == 1:
+        return [model]
+    named = list(model.named_parameters())
+    blocks = 1 + max((int(name.split(".")[1]) for name, _ in named if name.startswith("blocks.")), default=-1)
+    if count > blocks:
+        raise UserError(f"train.swarm_fragments={count}: the model has {blocks} blocks; a fragment is whole blocks, "
+                        f"so use at most {blocks}")
+    fragments = [nn.ParameterDict() for _ in range(count)]
+    after_blocks = False
+    for name, parameter in named:
+        if name.startswith("blocks."):
+            index, after_blocks = int(name.split(".")[1]) * count // blocks, True
+        else:
+            index = count - 1 if after_blocks else 0
+        fragments[index][name.replace(".", "/")] = parameter
+    return fragments
+
+
 def _torchft():
     try:
         from torchft import Manager, ProcessGroupGloo
@@ -139,15 +185,14 @@ def _torchft():
 class _SyncLog:
     """An inner-optimizer step hook: after each outer sync, one metrics record of what it did and sent."""
 
-    def __init__(self, manager, model: nn.Module, sync_every: int, metrics: Metrics, step: int, compress: str,
+    def __init__(self, manager, sync_every: int, fragments: int, metrics: Metrics, step: int, sender,
                  clip: _NormClip | None) -> None:
-        self.manager, self.sync_every, self.metrics, self.step, self.clip = manager, sync_every, metrics, step, clip
+        self.manager, self.metrics, self.step, self.sender, self.clip = manager, metrics, step, sender, clip
+        self.fragments = fragments
+        self.period = sync_every // fragments  # (Streaming DiLoCo syncs one fragment every H / fragments steps)
         self.started = time.perf_counter()
         self.inner_steps = 0
         self.commits = manager.current_step()
-        # what each volunteer puts into the all-reduce per sync: one pseudo-gradient per parameter, in its dtype
-        # or in bf16
-        self.payload = sum(p.numel() * (2 if compress == "bf16" else p.element_size()) for p in model.parameters())
         self.sent_total = 0
 
     def before(self, optimizer, args, kwargs) -> None:
@@ -156,20 +201,24 @@ class _SyncLog:
     def __call__(self, optimizer, args, kwargs) -> None:
         self.inner_steps += 1
         self.step += 1
-        if self.inner_steps % self.sync_every:
+        if self.inner_steps % self.period:
             return
         commits = self.manager.current_step()
         committed = commits > self.commits
+        fragment = (commits - committed) % self.fragments  # (the step it was synced at, as DiLoCo chose)
         self.commits = commits
+        if self.sender.remainders is not None:
+            self.sender.remainders.settle(committed)  # (error feedback: a failed sync's remainder is not owed)
         volunteers = self.manager.num_participants()
-        # a ring all-reduce (gloo's) sends 2(n-1)/n of the tensor from each of n participants
-        sent = round(2 * (volunteers - 1) / volunteers * self.payload) if volunteers > 1 else 0
+        payload, sent = self.sender.traffic.take()  # what went into this sync's collectives, and out of this machine
         self.sent_total += sent
         # the seconds of the optimizer step that synced: its inner step, the quorum, the all-reduce, the outer step
         seconds = time.perf_counter() - self.started
         record = {"step": self.step, "swarm_sync": commits, "swarm_committed": committed,
-                  "swarm_volunteers": volunteers, "swarm_payload_bytes": self.payload, "swarm_sent_bytes": sent,
+                  "swarm_volunteers": volunteers, "swarm_payload_bytes": payload, "swarm_sent_bytes": sent,
                   "swarm_sent_total": self.sent_total, "swarm_sync_s": round(seconds, 4)}
+        if self.fragments > 1:
+            record["swarm_fragment"] = fragment
         clipped = ""
         if self.clip is not None and self.clip.norms is not None:
             record |= {"swarm_update_norm": self.clip.norm, "swarm_norms": self.clip.norms,
@@ -178,27 +227,28 @@ class _SyncLog:
                 clipped = (f" · this update's norm {self.clip.norm:.3g} clipped to {self.clip.scale:.3g}x "
                            f"(median {self.clip.median:.3g})")
         outcome = "applied" if committed else "NOT applied (failed)"
-        self.metrics.log(record, f"step {self.step}: outer sync {commits} {outcome} with {volunteers} volunteer(s) in "
-                         f"{seconds:.2f}s · sent {human(sent)}B{clipped}")
+        part = f" (fragment {fragment} of {self.fragments})" if self.fragments > 1 else ""
+        self.metrics.log(record, f"step {self.step}: outer sync {commits}{part} {outcome} with {volunteers} "
+                         f"volunteer(s) in {seconds:.2f}s · sent {human(sent)}B{clipped}")
 
 
 class _NormClip:
-    """Manager.allreduce that holds a sync's pseudo-gradients back until it has all `count` of them, shares their
+    """Manager.allreduce that holds a sync's pseudo-gradients back until it has all of them (`calls`), shares their
     norm with the other volunteers, scales them down to `max_ratio` times the median norm if they are above it,
     and only then sends them (to `send`: the manager's all-reduce, or the compressed one wrapping it)."""
 
-    def __init__(self, manager, count: int, max_ratio: float) -> None:
-        self.manager, self.count, self.max_ratio = manager, count, max_ratio
+    def __init__(self, manager, calls: Calls, max_ratio: float) -> None:
+        self.manager, self.calls, self.max_ratio = manager, calls, max_ratio
         self.exchange = manager.allreduce  # (the plain one: the norms go uncompressed)
         self.send = manager.allreduce
-        self.pending: list[tuple[torch.Tensor, bool, dict, _Deferred]] = []
+        self.pending: list[tuple[torch.Tensor, bool, dict, Deferred]] = []
         self.norms: list[float] | None = None  # the last sync's, for the log
         self.norm, self.median, self.scale = 0.0, 0.0, 1.0
 
     def __call__(self, tensor: torch.Tensor, should_quantize: bool = False, **kwargs) -> dist.Work:
-        work = _Deferred()
+        work = Deferred()
         self.pending.append((tensor, should_quantize, kwargs, work))
-        if len(self.pending) == self.count:
+        if self.calls.next()[2]:  # the fragment's last pseudo-gradient
             self._release()
         return work
 
@@ -226,59 +276,6 @@ class _NormClip:
             norms[rank] = norm
         self.exchange(norms, reduce_op=ReduceOp.SUM).wait()
         return norms.tolist()
-
-
-class _Deferred(dist.Work):
-    """The work of an all-reduce that `_NormClip` starts later, when the sync's last pseudo-gradient arrives
-    (DiLoCo starts every one before it waits on any)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.work: dist.Work | None = None
-
-    def wait(self, timeout=None) -> bool:
-        self.work.wait()
-        return True
-
-    def get_future(self) -> torch.futures.Future:
-        return self.work.get_future()
-
-
-class _Bf16WithErrorFeedback:
-    """Manager.allreduce with the tensor sent in bf16, half the bytes of fp32. What rounding to bf16 loses of a
-    pseudo-gradient is kept and added to the same parameter's pseudo-gradient at the next sync (error feedback),
-    so that over several syncs nothing is lost for good. DiLoCo all-reduces the `count` parameters in the same
-    order at every sync, which is how a residual finds its parameter again."""
-
-    def __init__(self, allreduce, count: int) -> None:
-        self.allreduce, self.count = allreduce, count
-        self.residuals: list[torch.Tensor | None] = [None] * count
-        self.calls = 0
-
-    def __call__(self, tensor: torch.Tensor, should_quantize: bool = False, **kwargs) -> dist.Work:
-        index = self.calls % self.count
-        self.calls += 1
-        residual = self.residuals[index]
-        corrected = tensor if residual is None else tensor + residual
-        sent = corrected.to(torch.bfloat16)
-        self.residuals[index] = corrected - sent.float()
-        return _Restored(self.allreduce(sent, should_quantize, **kwargs), sent, tensor)
-
-
-class _Restored(dist.Work):
-    """The all-reduce of a bf16 copy, whose result lands in the fp32 tensor DiLoCo reads once it has waited."""
-
-    def __init__(self, work: dist.Work, sent: torch.Tensor, target: torch.Tensor) -> None:
-        super().__init__()
-        self.work, self.sent, self.target = work, sent, target
-
-    def wait(self, timeout=None) -> bool:
-        self.work.wait()  # (torchft's work divides by the number of volunteers here)
-        self.target.copy_(self.sent)
-        return True
-
-    def get_future(self) -> torch.futures.Future:
-        return self.work.get_future().then(lambda _: self.target.copy_(self.sent))
 
 
 def _lighthouse_url(address: str) -> str:
