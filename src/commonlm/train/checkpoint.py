@@ -11,13 +11,14 @@ adapter_config.json + adapter_model.safetensors (the trainable tensors, naming t
 tokenizer and commonlm.yaml; resuming loads the base from train.init again (quantized as before) and the
 adapters from here, and the optimizer state covers the adapters only.
 
-A train.parallel=fsdp run's checkpoint holds its training state sharded, as torch.distributed.checkpoint (DCP)
-writes it, in place of optimizer.pt:
+A train.parallel=fsdp (or hsdp) run's checkpoint holds its training state sharded, as torch.distributed.checkpoint
+(DCP) writes it, in place of optimizer.pt (with train.optimizer=muon, Muon's momentum beside AdamW's moments):
         sharded/                     model and optimizer state: each rank writes its shards (__N_0.distcp), rank 0
                                      the metadata (.metadata); keyed by parameter name, not by rank
 and still the consolidated model-directory files (rank 0 gathers the weights), so that it loads in transformers
 and `commonlm generate` like any other. DCP reshards on load: such a checkpoint resumes at any number of processes
-(the same number continues exactly), and in one process.
+(the same number continues exactly), and in one process; under hsdp the replicas' identical shards are written
+once, and a 2-D mesh's checkpoint loads into fsdp's 1-D one and back.
 
 Each checkpoint is written into a temporary sibling and renamed into place (by rank 0, once every rank has written
 its shards), so a crash or SIGKILL while saving leaves the previous checkpoint as the latest complete one. Only the
