@@ -209,6 +209,31 @@ def test_int8_and_topk_volunteers_hold_the_same_weights_and_their_first_step_is_
 
 @pytest.mark.slow
 @needs_namespace
+def test_streaming_fragments_are_synced_in_turn_and_each_is_the_same_on_both_volunteers_after_its_sync(
+        local_data, tmp_path):
+    # H = 4 in 2 fragments (embedding + block 0; block 1 + final norm): one fragment synced every 2 steps, in turn
+    a, b = _two_volunteers(local_data, tmp_path, 8, "train.swarm_sync_every=4", "train.swarm_fragments=2",
+                           "train.ckpt_every=2", "train.keep_last=4", "train.swarm_compress=int8")
+    parameters = dict(load_model_dir(a / "final")[0].named_parameters())  # (a tied weight once)
+    second = [name for name in parameters if name.startswith("blocks.1.") or name == "norm.weight"]
+    fragments = [[name for name in parameters if name not in second], second]
+    sizes = [sum(parameters[name].numel() for name in names) for names in fragments]
+    for run in (a, b):
+        syncs = _syncs(run)
+        assert [(r["step"], r["swarm_sync"], r["swarm_fragment"], r["swarm_committed"]) for r in syncs] == [
+            (2, 1, 0, True), (4, 2, 1, True), (6, 3, 0, True), (8, 4, 1, True)]
+        # bytes per sync are the fragment's: int8 blocks of 256 and their scales, padded for 2 volunteers
+        assert [r["swarm_payload_bytes"] for r in syncs] == [
+            -(-size // 512) * 512 * (1 + 4 / 256) for size in sizes] * 2
+    for step, synced in [(2, 0), (4, 1), (6, 0), (8, 1)]:
+        wa, wb = (_weights(run / f"checkpoints/step_{step:06d}") for run in (a, b))
+        assert all(torch.equal(wa[name], wb[name]) for name in fragments[synced]), step
+        # the other fragment trained on locally since its own sync (its global weights differ only in its steps)
+        assert not all(torch.equal(wa[name], wb[name]) for name in fragments[1 - synced]), step
+
+
+@pytest.mark.slow
+@needs_namespace
 def test_a_leaver_does_not_stop_the_others_and_a_late_joiner_heals_from_a_peer(local_data, tmp_path):
     # A trains 3 outer rounds; B leaves after the first; C starts only after B is gone, so A's second sync waits
     # for C (a quorum needs 2), and C, behind by one sync, fetches A's state and syncs with it from then on
@@ -319,6 +344,22 @@ def test_norm_clip_holds_a_sync_back_until_it_has_it_all_then_scales_it_to_k_tim
     for work in [clip(t) for t in honest]:
         work.wait()
     assert clip.scale == 1.0 and clip.norms[0] == pytest.approx(0.5 * 13 ** 0.5)
+
+
+def test_fragments_are_whole_blocks_in_order_holding_the_models_own_parameters():
+    from commonlm.model.decoder import Decoder
+    from commonlm.scale.swarm import _fragments
+
+    model = Decoder(load_config("tiny", ["model.vocab_size=320", "model.n_layer=4"]).model)
+    assert _fragments(model, 1) == [model]
+    fragments = _fragments(model, 2)
+    owned = [[name.replace("/", ".") for name, _ in fragment.named_parameters()] for fragment in fragments]
+    assert owned[0] == [name for name, _ in model.named_parameters()][:1 + 2 * 6]  # embedding (tied head), blocks 0-1
+    assert all(name.startswith(("blocks.2.", "blocks.3.")) for name in owned[1][:-1]) and owned[1][-1] == "norm.weight"
+    parameters = dict(model.named_parameters())
+    assert all(p is parameters[name.replace("/", ".")] for f in fragments for name, p in f.named_parameters())
+    with pytest.raises(UserError, match="train.swarm_fragments=5: the model has 4 blocks"):
+        _fragments(model, 5)
 
 
 def test_swarm_settings_are_checked():
