@@ -27,6 +27,12 @@ needs every update seen by every volunteer, an all-gather of n times the bytes);
 volunteers or more (they set the median); updates that are wrong but not large (a poisoned direction, a
 backdoor); poisoned data. Trust whom you let into the swarm (the lighthouse admits anyone who reaches it).
 
+What is sent (train.swarm_compress): the fp32 pseudo-gradients, or bf16, int8 or their largest entries (top-k),
+each with error feedback (scale/compress.py, which also counts the bytes each collective carries). Streaming
+DiLoCo (train.swarm_fragments = N > 1): the model in N fragments of whole blocks, torchft's DiLoCo syncing one of
+them every H / N steps in turn, so each sync sends 1/N of the model and a fragment is global only right after its
+own sync (the others have trained on locally since theirs).
+
 The glue here: a TCPStore for torchft's process group, the Manager (its healing state: model and inner
 optimizer), DiLoCo, and a record in metrics.jsonl per sync with the bytes sent. Every volunteer must start
 from the same weights (the same config and train.seed, or the same --init): DiLoCo starts the global model
@@ -82,6 +88,7 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
                         "sync); set train.lora_rank=0")
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's manager logs every quorum and commit at info level
     Manager, ProcessGroupGloo, DiLoCo = _torchft()
+    fragments = _fragments(model, cfg.swarm_fragments)
 
     lighthouse = _lighthouse_url(cfg.swarm)
     advertise = cfg.swarm_advertise or _address_towards(lighthouse)
@@ -107,7 +114,6 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
     except Exception as e:  # torchft's RuntimeErrors: the lighthouse not there, a port taken
         raise UserError(f"train.swarm: cannot join the lighthouse at {cfg.swarm}: {e}. Is `commonlm swarm "
                         f"lighthouse` running there, and reachable from this machine?") from None
-    fragments = _fragments(model, cfg.swarm_fragments)
     counts = [len(list(fragment.parameters())) for fragment in fragments]  # (a tied weight once, as DiLoCo sends)
     clip = None
     if cfg.swarm_max_norm_ratio:
