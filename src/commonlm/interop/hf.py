@@ -11,6 +11,11 @@ directory back. The families:
 - qwen3:   Qwen3ForCausalLM   (as qwen2, no biases, RMS QK-norm per head)
 - qwen3_moe: Qwen3MoeForCausalLM (as qwen3, every MLP routed experts: softmax top-k, no shared experts, no
            balancing bias, no sliding window; each expert's weights stored apart, as transformers saves them)
+- deepseek_v3: DeepseekV3ForCausalLM (multi-head latent attention, model/mla.py; dense MLPs in the first
+           first_k_dense_replace layers, then sigmoid-routed experts with group-limited top-k, a selection bias
+           (e_score_correction_bias), routed_scaling_factor and shared experts). DeepSeek's checkpoints rotate
+           interleaved pairs (rope_interleave): import permutes the rows that make the rotary parts into halves,
+           and export writes rope_interleave false. Multi-token-prediction layers are dropped on import.
 
 The four RoPE families carry RoPE scaling in `rope_parameters` (linear, dynamic, yarn, llama3; the older
 `rope_scaling` key is read too, as Llama 3.1's and Qwen2.5's own files have it).
@@ -38,7 +43,8 @@ from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 # Our module -> theirs, or the parts a fused module splits into (along dim 0, in this order). "{i}" is the
 # layer; a module's .weight and .bias keep their suffix.
@@ -68,8 +74,22 @@ QWEN3_MOE_NAMES = {
                                             "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
     "blocks.{i}.mlp.experts.down_proj": ("model.layers.{i}.mlp.experts.{e}.down_proj.weight",),
 }
+# Latent attention as transformers' DeepseekV3Attention names it; dense MLPs as Llama's, expert layers as Qwen3-MoE's
+# plus the selection bias (a whole name: a buffer of the MoE module itself) and the shared experts
+DEEPSEEK_V3_NAMES = {
+    **{ours: theirs for ours, theirs in QWEN3_MOE_NAMES.items() if ".attn." not in ours},
+    **{f"blocks.{{i}}.attn.{ours}": f"model.layers.{{i}}.self_attn.{theirs}" for ours, theirs in [
+        ("q", "q_proj"), ("q_a", "q_a_proj"), ("q_a_norm", "q_a_layernorm"), ("q_b", "q_b_proj"),
+        ("kv_a", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("kv_b", "kv_b_proj"), ("proj", "o_proj")]},
+    "blocks.{i}.mlp.gate_up": ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
+    "blocks.{i}.mlp.proj": "model.layers.{i}.mlp.down_proj",
+    "blocks.{i}.mlp.balance_bias": "model.layers.{i}.mlp.gate.e_score_correction_bias",
+    "blocks.{i}.mlp.shared.gate_up": ("model.layers.{i}.mlp.shared_experts.gate_proj",
+                                      "model.layers.{i}.mlp.shared_experts.up_proj"),
+    "blocks.{i}.mlp.shared.proj": "model.layers.{i}.mlp.shared_experts.down_proj",
+}
 NAMES = {"gpt2": GPT2_NAMES, "llama": LLAMA_NAMES, "mistral": LLAMA_NAMES, "qwen2": LLAMA_NAMES, "qwen3": LLAMA_NAMES,
-         "qwen3_moe": QWEN3_MOE_NAMES}
+         "qwen3_moe": QWEN3_MOE_NAMES, "deepseek_v3": DEEPSEEK_V3_NAMES}
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # GPT-2's Conv1D holds [in, out]: transposed both ways
 
 
@@ -100,6 +120,8 @@ def hf_config(c: ModelConfig, eos_id: int | None = None, pad_id: int | None = No
             "layer_norm_epsilon": c.norm_eps, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
             "resid_pdrop": 0.0, "scale_attn_weights": True,  # (our blocks have no residual dropout)
         }
+    if c.family == "deepseek_v3":
+        return _deepseek_config(c, common)
     out = {
         "architectures": [ARCHITECTURES[c.family]], "model_type": c.family, **common,
         "hidden_size": c.d_model, "intermediate_size": c.ff_dim, "num_hidden_layers": c.n_layer,
@@ -126,6 +148,27 @@ def hf_config(c: ModelConfig, eos_id: int | None = None, pad_id: int | None = No
     return out
 
 
+def _deepseek_config(c: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    """DeepseekV3Config's fields. Every field is written (the class's defaults are DeepSeek-V3's full size)."""
+    moe = c.n_experts > 0
+    return {
+        "architectures": [ARCHITECTURES[c.family]], "model_type": c.family, **common,
+        "hidden_size": c.d_model, "intermediate_size": c.ff_dim, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head, "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps, "hidden_act": "silu", "rope_parameters": _rope_parameters(c),
+        "rope_interleave": False, "attention_bias": c.bias, "attention_dropout": c.dropout,
+        "q_lora_rank": c.q_lora_rank or None, "kv_lora_rank": c.kv_lora_rank, "qk_nope_head_dim": c.qk_nope_head_dim,
+        "qk_rope_head_dim": c.qk_rope_head_dim, "v_head_dim": c.v_head_dim,
+        # all layers dense without experts; the expert fields then keep the values they would read back as
+        "first_k_dense_replace": c.dense_layers if moe else c.n_layer,
+        "n_routed_experts": c.n_experts if moe else 1, "num_experts_per_tok": c.experts_per_token if moe else 1,
+        "moe_intermediate_size": c.moe_ff_dim if moe else c.ff_dim, "n_shared_experts": c.n_shared_experts,
+        "n_group": c.expert_groups, "topk_group": c.groups_per_token, "routed_scaling_factor": c.router_scale,
+        "norm_topk_prob": c.router_norm_topk, "num_nextn_predict_layers": 0,
+        **({"max_position_embeddings": c.rope_original_len or c.max_seq_len} if c.rope_scaling == "dynamic" else {}),
+    }
+
+
 def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
     """transformers' `rope_parameters`: the type and what that type reads (modeling_rope_utils.py)."""
     params: dict[str, Any] = {"rope_type": "default" if c.rope_scaling == "none" else c.rope_scaling,
@@ -140,6 +183,8 @@ def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
         params.update(beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow, truncate=c.rope_truncate)
         if c.rope_attention_factor:
             params["attention_factor"] = c.rope_attention_factor
+        if c.rope_mscale_all_dim:  # (DeepSeek's latent attention: the softmax scale)
+            params["mscale_all_dim"] = c.rope_mscale_all_dim
     return params
 
 
@@ -255,6 +300,8 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     act = get("hidden_act", "silu")
     if act != "silu":
         raise _refuse("hidden_act", act, "only SwiGLU (silu) MLPs are implemented")
+    if kind == "deepseek_v3":
+        return _deepseek_from_hf(cfg)
     attention_bias = bool(get("attention_bias", False))
     if kind == "llama" and attention_bias != bool(get("mlp_bias", False)):
         raise _refuse("mlp_bias", get("mlp_bias"), "attention_bias and mlp_bias must be equal")
@@ -270,6 +317,41 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         norm_eps=get("rms_norm_eps", 1e-6), mlp="swiglu", qk_norm=kind in ("qwen3", "qwen3_moe"),
         bias=attention_bias if kind == "llama" else False, qkv_bias=kind == "qwen2",
         tie_embeddings=get("tie_word_embeddings", kind == "qwen3"), init_std=get("initializer_range", 0.02),
+    )
+
+
+def _deepseek_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """A DeepSeek-V3 config.json (missing keys take DeepseekV3Config's defaults, as transformers reads them)."""
+    def get(key: str, default: Any) -> Any:
+        value = cfg.get(key, default)
+        return default if value is None and default is not None else value
+
+    n_layer, heads = get("num_hidden_layers", 61), get("num_attention_heads", 128)
+    if get("attention_bias", False):
+        raise _refuse("attention_bias", True, "DeepSeek-V3 without attention biases only")
+    if get("num_key_value_heads", heads) != heads:
+        raise _refuse("num_key_value_heads", cfg["num_key_value_heads"], f"latent attention has all {heads} heads")
+    rope = _rope_from_hf(cfg)
+    mscale_all_dim = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}).get("mscale_all_dim")
+    if mscale_all_dim and rope.get("rope_scaling") == "yarn":
+        rope["rope_mscale_all_dim"] = float(mscale_all_dim)
+    dense = get("first_k_dense_replace", 3)
+    moe: dict[str, Any] = {}
+    if dense < n_layer:
+        if not get("n_shared_experts", 1):
+            raise _refuse("n_shared_experts", cfg["n_shared_experts"], "DeepSeek-V3 with shared experts only")
+        moe = {"n_experts": get("n_routed_experts", 256), "experts_per_token": get("num_experts_per_tok", 8),
+               "expert_ff_dim": get("moe_intermediate_size", 2048), "n_shared_experts": get("n_shared_experts", 1),
+               "router_score": "sigmoid", "router_norm_topk": bool(get("norm_topk_prob", True)), "router_bias": True,
+               "router_scale": float(get("routed_scaling_factor", 2.5)), "expert_groups": get("n_group", 8),
+               "groups_per_token": get("topk_group", 4), "dense_layers": dense}
+    return ModelConfig(
+        **moe, **rope, family="deepseek_v3", vocab_size=get("vocab_size", 129280), n_layer=n_layer, n_head=heads,
+        d_model=get("hidden_size", 7168), d_ff=get("intermediate_size", 18432), pos_emb="rope", norm="rmsnorm",
+        norm_eps=get("rms_norm_eps", 1e-6), mlp="swiglu", tie_embeddings=get("tie_word_embeddings", False),
+        init_std=get("initializer_range", 0.02), q_lora_rank=get("q_lora_rank", 0) if "q_lora_rank" in cfg else 1536,
+        kv_lora_rank=get("kv_lora_rank", 512), qk_nope_head_dim=get("qk_nope_head_dim", 128),
+        qk_rope_head_dim=get("qk_rope_head_dim", 64), v_head_dim=get("v_head_dim", 128),
     )
 
 
@@ -337,6 +419,8 @@ def their_names(family: str, ours: str, n_experts: int = 0) -> tuple[str, ...] |
     module, _, suffix = ours.rpartition(".")
     layer = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
     stacked = NAMES[family].get(f"blocks.{{i}}.{layer[2]}.{suffix}") if layer else None
+    if isinstance(stacked, str):  # a whole name (a module's own buffer)
+        return (stacked.format(i=layer[1]),)
     if stacked is not None:
         return tuple(p.format(i=layer[1], e=e) for e in range(n_experts) for p in stacked)
     theirs = NAMES[family].get(f"blocks.{{i}}.{layer[2]}" if layer else module)
@@ -367,6 +451,8 @@ def split_rows(c: ModelConfig, ours: str) -> list[int]:
         return [c.moe_ff_dim] * (2 * c.n_experts)
     if ".mlp.experts.down_proj" in ours:
         return [c.d_model] * c.n_experts
+    if ".mlp.shared.gate_up." in ours:
+        return [c.n_shared_experts * c.moe_ff_dim] * 2
     if ".attn.qkv." in ours:
         return [c.n_head * c.dim_head, c.kv_heads * c.dim_head, c.kv_heads * c.dim_head]
     return [c.ff_dim, c.ff_dim]  # .mlp.gate_up.
@@ -383,9 +469,11 @@ def to_hf(c: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def from_hf(c: ModelConfig, hf: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+def from_hf(c: ModelConfig, hf: dict[str, torch.Tensor], names: Iterable[str],
+            rope_interleave: bool = False) -> dict[str, torch.Tensor]:
     """transformers names -> our state dict with the tensors `names` (a decoder's state-dict keys): the
-    inverse of `to_hf`. A missing transformers name raises KeyError, one left over ValueError."""
+    inverse of `to_hf`. A missing transformers name raises KeyError, one left over ValueError. `rope_interleave`
+    (a DeepSeek-V3 config.json's): the rotary dimensions come in interleaved pairs, which our halves are made from."""
     table = hf_names(c, names)
     unused = set(hf) - {name for theirs in table.values() for name in theirs}
     unused -= {"lm_head.weight"} if c.tie_embeddings else set()  # some checkpoints store the tied head too
@@ -399,4 +487,20 @@ def from_hf(c: ModelConfig, hf: dict[str, torch.Tensor], names: Iterable[str]) -
             out[ours] = out[ours].unflatten(0, (c.n_experts, -1))
     if c.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
+    return _rope_halves(c, out) if rope_interleave else out
+
+
+def _rope_halves(c: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Latent attention's weights for rotary dimensions in interleaved pairs (x0, x1), (x2, x3), ... made to rotate
+    in halves (x0, x2, ...), (x1, x3, ...) instead: the rows making each head's rotary query part and the shared rotary
+    key reordered alike, so every query-key product, hence the logits, is unchanged."""
+    halves = torch.cat([torch.arange(0, c.qk_rope_head_dim, 2), torch.arange(1, c.qk_rope_head_dim, 2)])
+    out = dict(state)
+    for name, tensor in state.items():
+        if re.search(r"\.attn\.(q|q_b)\.weight$", name):  # [heads * (nope + rope), in]: each head's rope rows
+            heads = tensor.unflatten(0, (c.n_head, c.dim_head))
+            rope = heads[:, c.qk_nope_head_dim:][:, halves]
+            out[name] = torch.cat([heads[:, : c.qk_nope_head_dim], rope], dim=1).flatten(0, 1)
+        elif re.search(r"\.attn\.kv_a\.(weight|bias)$", name):  # [latent + rope, ...]: the shared key's rows
+            out[name] = torch.cat([tensor[: c.kv_lora_rank], tensor[c.kv_lora_rank:][halves]])
     return out

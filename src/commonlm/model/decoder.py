@@ -62,7 +62,7 @@ def rope_frequencies(config: ModelConfig, seq_len: int = 0) -> tuple[torch.Tenso
     models keep their logits. `seq_len` matters to dynamic NTK only: the largest position + 1 of a forward
     pass; beyond `rope_original_len` the base grows with it (below it, plain RoPE).
     """
-    c, dim = config, config.dim_head
+    c, dim = config, config.rope_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (c.rope_theta**exponents)
     original = c.rope_original_len or c.max_seq_len
@@ -165,16 +165,17 @@ def window_mask(mask: torch.Tensor | None, T: int, S: int, window: int, device: 
     """Which of S keys each of T queries sees with a sliding window: what it saw (`mask`, or causal when None)
     limited to its own key and the window - 1 before it (transformers: kv_idx > q_idx - window).
 
-    A query's own key is the last one it sees: this holds for every cache (keys stored from position 0) and for
-    packed rows (each sequence's keys in a run), so the window needs no positions, and a cache keeps every key.
+    The keys a query sees are one run of positions ending at its own, in the order they lie: for every cache
+    (keys stored from position 0), packed rows (each sequence's keys in a run) and shared prefixes (the prefix,
+    then the query's own continuation: model/kv_cache.SharedPrefix). So the window counts the keys a query sees,
+    back from its own (the last it sees), and needs no positions; a cache keeps every key.
     """
-    keys = torch.arange(S, device=device)
     if mask is None:  # causal (T = S), or one query over all S keys: query t is key S - T + t
+        keys = torch.arange(S, device=device)
         own = torch.arange(S - T, S, device=device)[:, None]
-        mask = keys <= own
-    else:
-        own = (mask * keys).amax(-1, keepdim=True)
-    return mask & (keys > own - window)
+        return (keys <= own) & (keys > own - window)
+    seen = mask.cumsum(-1)  # keys seen up to each key, that one included
+    return mask & (seen > seen[..., -1:] - window)
 
 
 class Attention(nn.Module):
@@ -194,7 +195,8 @@ class Attention(nn.Module):
     @property
     def cache_shape(self) -> tuple[int, int]:
         """What a KV cache keeps of each token for this layer, for keys and for values alike: [heads, dim]. A
-        latent-attention variant declares its latent here instead of per-head keys and values."""
+        variant may declare (heads, key dim, value dim) instead: latent attention (model/mla.py) keeps its latent
+        and its shared rotary key."""
         return self.n_kv_head, self.head_dim
 
     def forward(
@@ -255,16 +257,21 @@ class SwiGLU(nn.Module):
 MLPS = {"gelu": GeluMLP, "gelu_tanh": GeluMLP, "swiglu": SwiGLU}
 
 
-def make_mlp(config: ModelConfig) -> nn.Module:
-    """The MLP of one block: dense, or a mixture of experts (model/moe.py) when config.n_experts > 0."""
-    if config.n_experts:
+def make_mlp(config: ModelConfig, layer: int = 0) -> nn.Module:
+    """The MLP of one block: dense, or a mixture of experts (model/moe.py) when config.n_experts > 0 (after the
+    first config.dense_layers layers)."""
+    if config.n_experts and layer >= config.dense_layers:
         return MoE(config)
     return MLPS[config.mlp](config)
 
 
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
-    """The attention of one block. Another variant (latent attention) plugs in here: it
+    """The attention of one block: latent attention (model/mla.py) when config.kv_lora_rank > 0. A variant
     takes (x, rope, cache), returns the output (or `(output, aux_losses)`), and declares `cache_shape`."""
+    if config.kv_lora_rank:
+        from commonlm.model.mla import LatentAttention  # (mla.py builds on this file's norm, rotary and masks)
+
+        return LatentAttention(config, layer)
     return Attention(config, layer)
 
 
@@ -286,7 +293,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(config)
         self.attn = make_attention(config, layer)
         self.norm2 = make_norm(config)
-        self.mlp = make_mlp(config)
+        self.mlp = make_mlp(config, layer)
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None) -> tuple[torch.Tensor, AuxLosses]:
         aux: AuxLosses = {}
@@ -436,8 +443,9 @@ class Decoder(nn.Module):
         if max_len > c.max_seq_len:
             raise ValueError(f"a cache of {max_len} positions exceeds max_seq_len={c.max_seq_len}")
         weight = self.embed.weight
-        heads, dim = self.blocks[0].attn.cache_shape
+        heads, dim, *value_dim = self.blocks[0].attn.cache_shape  # (heads, dim) or (heads, key dim, value dim)
         return kind(
             n_layer=c.n_layer, batch_size=batch_size, n_kv_head=heads, head_dim=dim,
             max_len=max_len, device=weight.device, dtype=dtype or weight.dtype,
+            v_dim=value_dim[0] if value_dim else None,
         )

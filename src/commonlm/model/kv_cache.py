@@ -1,7 +1,9 @@
 """Preallocated key/value caches for incremental decoding.
 
 `KVCache` and `SlotKVCache` hold one tensor pair for all layers ([n_layer, rows, n_kv_head, max_len,
-head_dim]; the slot cache puts max_len before the heads). All three answer the decoder's three
+head_dim]; the slot cache puts max_len before the heads). Values may be narrower or wider than keys (`v_dim`):
+latent attention (model/mla.py) keeps one compressed latent per token where keys go and its shared rotary key where
+values go, a single "head" of each, instead of every head's keys and values. All three answer the decoder's three
 questions: at which positions do the new tokens sit (`positions`), store these keys/values and give
 back everything each query may see (`update`), and move on (`advance`).
 
@@ -29,10 +31,11 @@ class KVCache:
         max_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        v_dim: int | None = None,
     ):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape[:-1] + (head_dim if v_dim is None else v_dim,), device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
 
@@ -79,10 +82,10 @@ class SlotKVCache:
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, v_dim: int | None = None):
         shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape[:-1] + (head_dim if v_dim is None else v_dim,), device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = torch.arange(batch_size, device=device)
@@ -143,10 +146,11 @@ class StaticKVCache:
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, v_dim: int | None = None):
         shape = (batch_size, n_kv_head, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        values = shape[:-1] + (head_dim if v_dim is None else v_dim,)
+        self.v = [torch.zeros(values, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.slots = torch.arange(max_len, device=device)
@@ -190,6 +194,49 @@ class PackedRows:
         self.segments = segments
         causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
         self.mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal  # [B, 1, T, T]
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self._positions[:, :T]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        return k, v, self.mask
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class SharedPrefix:
+    """Not a cache: scoring's rows (evaluate/scoring.py), where the continuations of one context share a single copy
+    of it. An item is its prefix (the context) followed by each continuation's tokens in a run of their own; a row
+    holds one item or several side by side. Every continuation's positions run on from the prefix's end, and its
+    tokens see the prefix and their own continuation's earlier tokens only: each continuation gets the logits it
+    would get right after the context in a row of its own, and the context is computed once.
+
+    `items` [B, T] numbers the items of each row (any ids >= 0, each in one run; -1 is padding, which sees only
+    itself, at position 0); `branches` [B, T] is 0 on an item's prefix, which comes first, and k > 0 on its k-th
+    continuation (one run each). The keys a token sees are one run of positions ending at its own, so a sliding
+    window, which counts the keys a query sees back from its own, narrows them as it would a row of their own.
+    """
+
+    def __init__(self, items: torch.Tensor, branches: torch.Tensor):
+        B, T = items.shape
+        index = torch.arange(T, device=items.device).expand(B, T)
+        item_starts = torch.ones_like(items, dtype=torch.bool)
+        item_starts[:, 1:] = items[:, 1:] != items[:, :-1]
+        run_starts = item_starts.clone()
+        run_starts[:, 1:] |= branches[:, 1:] != branches[:, :-1]
+        item_start = torch.where(item_starts, index, 0).cummax(dim=1).values
+        run_start = torch.where(run_starts, index, 0).cummax(dim=1).values
+        in_prefix = (branches == 0).long()
+        before = in_prefix.cumsum(dim=1) - in_prefix  # prefix tokens before each place, over the whole row
+        prefix_len = in_prefix.cumsum(dim=1) - before.gather(1, item_start)  # at a continuation: its item's prefix
+        real = items >= 0
+        self._positions = torch.where(real, index - run_start + torch.where(branches > 0, prefix_len, 0), 0)
+        same_item = (items[:, :, None] == items[:, None, :]) & real[:, :, None]
+        seen = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
+        causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
+        itself = torch.eye(T, dtype=torch.bool, device=items.device)
+        self.mask = ((same_item & seen & causal) | itself)[:, None]  # [B, 1, T, T]
 
     def positions(self, T: int) -> torch.Tensor:
         return self._positions[:, :T]

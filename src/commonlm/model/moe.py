@@ -22,6 +22,8 @@ experts that every token runs (one SwiGLU of `n_shared_experts * expert_ff_dim`)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -94,12 +96,15 @@ class MoE(nn.Module):
         self.router = nn.Linear(c.d_model, c.n_experts, bias=False)
         self.experts = Experts(c.n_experts, c.d_model, ff)
         self.shared = SharedExperts(c.d_model, c.n_shared_experts * ff) if c.n_shared_experts else None
-        if self.balance_rate > 0:  # (only then: a model without it has exactly Qwen3-MoE's tensors)
+        self.groups, self.top_groups, self.scale = c.expert_groups, c.groups_per_token, c.router_scale
+        self.biased = c.router_bias or c.balance_rate > 0
+        if self.biased:  # (only then: a model without it has exactly Qwen3-MoE's tensors; DeepSeek-V3's has it)
             self.register_buffer("balance_bias", torch.zeros(c.n_experts))
+        if self.balance_rate > 0:
             self.register_buffer("balance_load", torch.zeros(c.n_experts))  # the last training forward's load
         # matmul weights each token runs through the routed experts (for flops_per_token: active parameters only)
         self.active_params = self.top_k * 3 * c.d_model * ff
-        self.stats: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, torch.Tensor | int] = {}
         self.std, self.n_layer = c.init_std, c.n_layer
 
     @torch.no_grad()
@@ -109,20 +114,33 @@ class MoE(nn.Module):
         decoder initialises those.)"""
         nn.init.normal_(self.experts.gate_up_proj, std=self.std)
         nn.init.normal_(self.experts.down_proj, std=self.std / (2 * self.n_layer) ** 0.5)
-        if self.balance_rate > 0:
+        if self.biased:
             self.balance_bias.zero_()
+        if self.balance_rate > 0:
             self.balance_load.zero_()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (chosen experts [N, k], their weights [N, k], every expert's score [N, E]), in fp32."""
         logits = self.router(x).float()
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
-        choice = scores + self.balance_bias if self.balance_rate > 0 else scores
+        choice = scores + self.balance_bias if self.biased else scores
+        if self.groups > 1:
+            choice = self._best_groups(choice)
         chosen = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(-1, chosen)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
+        if self.scale != 1.0:
+            weights = weights * self.scale
         return chosen, weights, scores
+
+    def _best_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (DeepSeek-V3): each token keeps the experts of its `top_groups` best groups, a group
+        scored by the sum of its two best experts' choice scores, and the others' scores become -inf."""
+        grouped = choice.unflatten(-1, (self.groups, -1))  # [N, groups, experts per group]
+        best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.top_groups, dim=-1).indices  # [N, top_groups]
+        keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         shape = x.shape
@@ -160,10 +178,46 @@ class MoE(nn.Module):
         """Keep the router's statistics of this forward pass."""
         probs = scores / scores.sum(-1, keepdim=True)
         entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
-        self.stats = {"load": load, "entropy": entropy, "dropped": torch.zeros((), device=load.device)}
+        self.stats = {"load": load, "entropy": entropy, "dropped": torch.zeros((), device=load.device),
+                      "tokens": scores.shape[0]}  # (an int: the token copies are tokens * top_k)
 
     @torch.no_grad()
     def _balance(self) -> None:
         """Move the bias a step toward the experts the last training forward under-loaded (none before the first)."""
         seen = (self.balance_load.sum() > 0).float()  # (a tensor, not a host sync)
         self.balance_bias += seen * self.balance_rate * torch.sign(1 / self.n_experts - self.balance_load)
+
+
+def router_metrics(model: nn.Module) -> dict[str, float]:
+    """What the routers did in the model's last forward pass, for the training log (one host sync, at log steps):
+
+    - `moe_balance`: the most loaded expert's share of the token copies over the mean share (max / mean load; 1 is
+      even, n_experts is every token on one expert), the mean over layers, `moe_balance_max` the worst layer and
+      `moe_balance_layer{i}` each MoE layer (numbered from 0 in model order);
+    - `moe_router_entropy`: the entropy of each token's router distribution over the experts, divided by
+      log(n_experts) (1: undecided, 0: one expert takes all the weight), the mean over tokens and layers;
+    - `moe_over_capacity`: the token copies a capacity factor of 1.0 (each expert at most tokens * k / n_experts
+      copies) would have dropped, summed over layers, and `moe_over_capacity_frac` that over all copies. The
+      dispatch is dropless, so nothing was dropped: this says how far from an even split the routing was;
+    - `moe_bias_spread`: the largest max - min of a layer's balancing bias (where it has one).
+    Empty for a model without MoE layers or before its first forward pass. Under DDP the load is all ranks'."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.stats]
+    if not layers:
+        return {}
+    balance = torch.stack([m.stats["load"].max() * m.n_experts for m in layers])
+    entropy = torch.stack([m.stats["entropy"] / math.log(m.n_experts) if m.n_experts > 1 else
+                           torch.zeros_like(m.stats["entropy"]) for m in layers])
+    copies = [m.stats["tokens"] * m.top_k for m in layers]
+    over = torch.stack([(m.stats["load"] - 1 / m.n_experts).clamp_min(0).sum() * n for m, n in zip(layers, copies)])
+    spread = [m.balance_bias.max() - m.balance_bias.min() for m in layers if hasattr(m, "balance_bias")]
+    values = torch.cat([balance, entropy, over, torch.stack(spread) if spread else over.new_zeros(0)])
+    values = values.float().tolist()  # (the one sync)
+    n = len(layers)
+    balance, entropy, over, spread = values[:n], values[n:2 * n], values[2 * n:3 * n], values[3 * n:]
+    metrics = {"moe_balance": sum(balance) / n, "moe_balance_max": max(balance),
+               "moe_router_entropy": sum(entropy) / n, "moe_over_capacity": round(sum(over)),
+               "moe_over_capacity_frac": sum(over) / sum(copies)}
+    if spread:
+        metrics["moe_bias_spread"] = max(spread)
+    metrics |= {f"moe_balance_layer{i}": b for i, b in enumerate(balance)}
+    return metrics

@@ -1,0 +1,106 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): keys and values of every head from one small latent per token.
+
+Why: the KV cache. Multi-head attention caches every head's key and value for every token and layer; latent attention
+caches one compressed vector (`kv_lora_rank` numbers, after its RMSNorm) and one rotary key shared by all heads
+(`qk_rope_head_dim`), and up-projects them to each head's keys and values when it attends. DeepSeek-V3 keeps
+512 + 64 numbers per token and layer where its 128 heads as multi-head attention would keep 2 * 128 * 192.
+
+Rotary positions cannot pass through the latent (the up-projection would have to commute with the rotation), so a
+head's query and key have two parts: `qk_nope_head_dim` dimensions without positions, the key's from the latent, and
+`qk_rope_head_dim` rotated ones, the query's per head and the key's one for all heads ("decoupled RoPE").
+
+- Keys and values are up-projected from the latent (the one just computed, or all a cache holds) and attention is the
+  decoder's one `attention()`. Decoding up-projects the whole cached latent at each step: exact and simple; the
+  "absorbed" form that folds the up-projections into the query and the output is not done here.
+- The rotary part rotates in halves (`apply_rotary`), as everywhere in this decoder. DeepSeek's own checkpoints rotate
+  interleaved pairs; `interop/hf.py` permutes the rows of the projections that make them, once, on import.
+- The layout is transformers' DeepseekV3Attention's (q or q_a + norm + q_b, kv_a with the rotary key, its norm, kv_b,
+  proj), so `interop/hf.py` names the weights one to one. The latents' norms use eps 1e-6, as DeepSeek's do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from commonlm.config import ModelConfig
+from commonlm.kernels import attention
+from commonlm.model.decoder import RMSNorm, apply_rotary, window_mask
+from commonlm.model.kv_cache import KVCache
+
+LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm and kv_a_layernorm keep RMSNorm's default, whatever rms_norm_eps is
+
+
+class LatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer, self.n_head, self.rank = layer, c.n_head, c.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        if c.q_lora_rank:  # queries through a latent of their own (not cached: it saves weights, not cache)
+            self.q_a = nn.Linear(c.d_model, c.q_lora_rank, bias=c.bias)
+            self.q_a_norm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b = nn.Linear(c.q_lora_rank, self.n_head * self.qk_dim, bias=False)
+        else:
+            self.q = nn.Linear(c.d_model, self.n_head * self.qk_dim, bias=False)
+        self.kv_a = nn.Linear(c.d_model, self.rank + self.rope_dim, bias=c.bias)  # the latent and the rotary key
+        self.kv_norm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b = nn.Linear(self.rank, self.n_head * (self.nope_dim + self.v_dim), bias=False)
+        self.proj = nn.Linear(self.n_head * self.v_dim, c.d_model, bias=c.bias)
+        self.dropout = c.dropout
+        self.window = c.sliding_window if layer >= c.full_attention_layers else 0
+        # the softmax scale over SDPA's 1/sqrt(qk_dim): yarn's mscale squared (DeepSeek), 1 otherwise
+        mscale = 0.1 * c.rope_mscale_all_dim * math.log(c.rope_factor) + 1.0 if c.rope_factor > 1 else 1.0
+        self.q_scale = mscale**2 if c.rope_mscale_all_dim else 1.0
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        """Per token: one "head" of the normalised latent (where keys go) and of the shared rotary key (values)."""
+        return 1, self.rank, self.rope_dim
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if hasattr(self, "q_a") else self.q(x)
+        return q.view(*x.shape[:2], self.n_head, self.qk_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_nope, q_rope = self.queries(x).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a(x).split([self.rank, self.rope_dim], dim=-1)
+        latent = self.kv_norm(latent)[:, None]  # [B, 1, T, rank]
+        q = torch.cat([q_nope, apply_rotary(q_rope, *rope)], dim=-1).transpose(1, 2)  # [B, H, T, qk_dim]
+        k_rope = apply_rotary(k_rope[:, :, None], *rope).transpose(1, 2)  # [B, 1, T, rope_dim]
+
+        mask, causal = None, True
+        if cache is not None:  # the cache keeps the latent and the rotary key, and returns all of them so far
+            latent, k_rope, mask = cache.update(self.layer, latent, k_rope)
+            causal = mask is None and latent.shape[2] == T
+        S = latent.shape[2]
+        kv = self.kv_b(latent[:, 0]).view(B, S, self.n_head, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, self.n_head, S, self.rope_dim)], dim=-1)
+        if self.window and S > self.window:
+            mask, causal = window_mask(mask, T, S, self.window, k.device), False
+        y = attention(*self._same_width(q, k, v), mask=mask, causal=causal,
+                      dropout=self.dropout if self.training else 0.0)[..., : self.v_dim]
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+
+    def _same_width(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k and v of one head width, as `attention()` takes them (its CPU math path assumes one), the softmax
+        scale folded into q: values narrower than keys get zero columns (cut from the output), keys narrower than
+        values zero columns too, with q scaled back to 1/sqrt(qk_dim)."""
+        scale, width = self.q_scale, max(self.qk_dim, self.v_dim)
+        if self.v_dim < width:
+            v = F.pad(v, (0, width - self.v_dim))
+        if self.qk_dim < width:
+            q, k = F.pad(q, (0, width - self.qk_dim)), F.pad(k, (0, width - self.qk_dim))
+            scale *= math.sqrt(width / self.qk_dim)
+        return (q * scale if scale != 1.0 else q), k, v
