@@ -1,6 +1,6 @@
 """train.optimizer=muon under FSDP2 (train.parallel=fsdp) in two CPU processes under torchrun: the sharded run's
-losses are DDP's with gradient accumulation, Muon's momentum goes to disk through DCP beside AdamW's moments, and a
-run stopped and resumed at the same world size continues value for value."""
+losses are DDP's with gradient accumulation, Muon's momentum goes to disk through DCP beside AdamW's moments, a run
+stopped and resumed at the same world size continues value for value, and at one process closely."""
 
 import json
 import textwrap
@@ -9,6 +9,7 @@ import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
 from commonlm.train.checkpoint import SHARDED, latest_checkpoint
+from commonlm.train.trainer import resume_config, train
 from tests.procs import torchrun
 from tests.train.test_trainer import SMALL, train_losses
 
@@ -23,7 +24,9 @@ def test_muon_under_fsdp_trains_like_ddp_and_resumes_exactly(byte_data, tmp_path
     script = tmp_path / "fsdp_muon.py"
     script.write_text(textwrap.dedent(f"""
         import json
+        import shutil
         import torch
+        import torch.distributed as dist
         from torch.distributed.tensor import distribute_tensor
         from commonlm.config import load_config
         from commonlm.train.optim import MuonWithAdamW, make_optimizer
@@ -69,6 +72,9 @@ def test_muon_under_fsdp_trains_like_ddp_and_resumes_exactly(byte_data, tmp_path
         train(config("train.parallel=ddp"), {str(tmp_path / "ddp")!r})
         train(config("train.parallel=fsdp"), {str(tmp_path / "fsdp")!r})
         train(config("train.parallel=fsdp"), {str(tmp_path / "split")!r}, stop_at_step=3)
+        if world.is_main:
+            shutil.copytree({str(tmp_path / "split")!r}, {str(tmp_path / "shrunk")!r})
+        dist.barrier()
         train(resume_config({str(tmp_path / "split")!r}), {str(tmp_path / "split")!r}, resume=True)
     """))
     proc = torchrun(script)
@@ -83,6 +89,14 @@ def test_muon_under_fsdp_trains_like_ddp_and_resumes_exactly(byte_data, tmp_path
     # the same gradients (summed over two ranks either way), the same whole-matrix Newton-Schulz
     assert max(abs(a - b) / abs(b) for a, b in zip(fsdp, ddp)) < 1e-5, (fsdp, ddp)
     assert train_losses(tmp_path / "split") == fsdp  # resumed at the same world size: value for value
+
+    # the two processes' step-3 checkpoint continued by one: Muon's momentum resharded (into whole matrices)
+    config = resume_config(tmp_path / "shrunk")
+    config.train.micro_batch_size = 8  # (the same 512 tokens a step)
+    train(config, tmp_path / "shrunk", resume=True)
+    shrunk = train_losses(tmp_path / "shrunk")
+    assert len(shrunk) == 6 and shrunk[:3] == fsdp[:3], shrunk
+    assert max(abs(a - b) / abs(b) for a, b in zip(shrunk, fsdp)) < 1e-5, (shrunk, fsdp)
 
     # Muon's momentum buffers are in the DCP checkpoint, by parameter name, beside AdamW's moments
     saved = FileSystemReader(str(latest_checkpoint(tmp_path / "fsdp") / SHARDED)).read_metadata().state_dict_metadata
