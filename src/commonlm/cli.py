@@ -86,7 +86,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("train: --out RUN_DIR is required (where checkpoints and the final model go)")
     if not args.config and not args.init:
         raise UserError("train: --config PRESET_OR_YAML is required (see `commonlm presets`)")
-    config = load_config(args.config, overrides)
+    if args.init:  # the init model's config, and --set model.* changes to it (a longer context: train/extend.py)
+        from commonlm.train.extend import init_run_config
+
+        config = init_run_config(args.init, args.config, overrides)
+    else:
+        config = load_config(args.config, overrides)
     if args.data:
         config.data.path = args.data
     return train(config, args.out, init=args.init, stop_at_step=args.stop_at_step).exit_status

@@ -106,6 +106,7 @@ class Task:
     output_regex: str | None = None  # BIG-bench: the answer is the first match of this in the generated text
     code_timeout: float | None = None  # metric code: seconds per program (evaluate/code.py); none: refuses to run
     family: str | None = None  # BIG-bench subtasks: the task they belong to (reported as the mean of them)
+    cut: bool = True  # a prompt longer than the model's context loses its beginning; False: an error (passkey)
     source: str = ""
     _groups: dict | None = None
 
@@ -168,11 +169,16 @@ def load_tasks(spec: str, root: str | Path | None = None) -> list[Task]:
 
 
 def _named(name: str, root: str | Path | None) -> list[Task]:
+    if name.startswith("passkey:"):  # generated on the spot, nothing to find (data/passkey.py)
+        from commonlm.data.passkey import passkey_task
+
+        return [passkey_task(name)]
     where = data_root(root)
     how = f"pass --data-root DIR or set ${DATA_ROOT_ENV} (the folder holding mmlu/, gsm8k/, bigbench/)"
     files = {"mmlu": "mmlu/test.jsonl", "gsm8k": "gsm8k/test.jsonl", "humaneval": "humaneval/HumanEval.jsonl.gz"}
     if name not in files and not name.startswith("bigbench:"):
-        raise UserError(f"--task {name}: no such file, and not a named task (mmlu, gsm8k, humaneval, bigbench:NAME)")
+        raise UserError(f"--task {name}: no such file, and not a named task (mmlu, gsm8k, humaneval, bigbench:NAME, "
+                        "passkey:LEN)")
     if where is None:
         raise UserError(f"--task {name}: no data root to find it in; {how}. Nothing is ever downloaded")
     if name.startswith("bigbench:"):
