@@ -3,10 +3,13 @@
 Log-likelihoods are computed as lm-evaluation-harness does, so numbers compare: the context and continuation
 are encoded together and the continuation is the tail of that encoding past the context's own tokens
 (whitespace at the end of the context moves to the continuation first, so " Paris" is scored as the word
-with its space); an empty context starts from the end-of-text token; a row longer than the model's context
-loses its beginning. Rows are sorted by length, right-padded into batches, one forward pass per batch, and
-only the continuation's positions are read (padding on the right changes nothing before it, causally): the
-head, over the whole vocabulary, runs on those positions alone.
+with its space); an empty context starts from the end-of-text token; a pair longer than the model's context
+loses its beginning. Each context is laid in a row once, its continuations after it, each seeing the context and
+its own earlier tokens at the positions it would have right after the context (model/kv_cache.SharedPrefix): a
+multiple-choice item costs one context and its choices, not a copy of the context per choice, and the numbers are
+those of a row per pair. Layouts are sorted by length and packed into batches (the longest open the rows, the
+shortest fill what is left of them), one forward pass per batch, and only the positions a continuation is
+scored from are read: the head, over the whole vocabulary, runs on those positions alone.
 
 Multiple choice reports `acc` (the most likely choice is right) and `acc_norm` (log-likelihood divided by the
 choice's length in characters, as the harness does); BIG-bench's partial credits count as they are. Cloze
@@ -17,6 +20,7 @@ model's stop ids, and is cut at the task's stop strings afterwards; checkers com
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import time
@@ -28,6 +32,7 @@ from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.evaluate.tasks import Item, Task, limited
 from commonlm.infer.engine import Engine, Request
+from commonlm.model.kv_cache import SharedPrefix
 from commonlm.tune.rewards import exact, gsm8k
 
 CHECKERS = {"gsm8k": gsm8k, "exact": exact}
@@ -66,51 +71,123 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return context_ids, continuation_ids
 
 
+@dataclass
+class _Context:
+    """One context laid once with its distinct continuations after it (model/kv_cache.SharedPrefix), and what each
+    of its pairs reads: kept position 0 is the context's last token, then every continuation token in order."""
+
+    tokens: list[int]  # the context, then each continuation but its last token
+    branches: list[int]  # 0 on the context, k on the k-th continuation
+    prefix: int  # the context's tokens
+    reads: list[tuple[int, int, int]] = field(default_factory=list)  # (pair, kept position, the token it should be)
+
+    @property
+    def kept(self) -> int:
+        return len(self.tokens) - self.prefix + 1
+
+
+def _contexts(pairs: list[tuple[list[int], list[int]]], max_len: int) -> list[_Context]:
+    """The pairs grouped by the tokens before their continuation (after cutting to the model's context), each group
+    laid out once with its distinct continuations; one that would make the layout longer than the context starts
+    another copy of it. Continuations that are the same but for their last token share a run (MMLU's letters: the
+    context's last token alone)."""
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
+    for i, (context, continuation) in enumerate(pairs):
+        ids = (context + continuation)[-(max_len + 1):]
+        n = len(continuation)
+        if len(ids) <= n:
+            raise ValueError(f"pair {i}: {n} continuation tokens after {len(context)} of context leave nothing to "
+                             f"predict the first from within max_seq_len={max_len}")
+        groups.setdefault(tuple(ids[:-n]), {}).setdefault(tuple(ids[-n:]), []).append(i)
+    laid: list[_Context] = []
+    for prefix, continuations in groups.items():
+        context, runs = None, {}
+        for continuation, ids in continuations.items():
+            tail = continuation[:-1]
+            if context is None or (tail not in runs and len(context.tokens) + len(tail) > max_len):
+                context, runs = _Context(list(prefix), [0] * len(prefix), len(prefix)), {(): 0}
+                laid.append(context)
+            if tail not in runs:
+                runs[tail] = len(context.tokens) - context.prefix + 1
+                context.branches += [len(runs) - 1] * len(tail)
+                context.tokens += tail
+            at = [0] + list(range(runs[tail], runs[tail] + len(tail)))
+            context.reads += [(i, k, token) for i in ids for k, token in zip(at, continuation)]
+    return laid
+
+
 @torch.inference_mode()
 def loglikelihoods(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]],
                    batch_size: int = 16) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of the continuation, whether greedy decoding gives it) for each (context ids,
-    continuation ids), in order. Rows with the same input (one-token choices of one question: MMLU's letters)
-    share one row of the forward pass."""
+    continuation ids), in order. Pairs with the same context share one copy of it in a row, their continuations
+    after it (`_contexts`); rows hold several short contexts side by side."""
     max_len = model.config.max_seq_len
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
-    rows: dict[tuple[int, ...], list[int]] = {}  # input ids -> the pairs that read that row's logits
-    targets = []
-    for i, (context, continuation) in enumerate(pairs):
-        ids = (context + continuation)[-(max_len + 1):]
-        rows.setdefault(tuple(ids[:-1]), []).append(i)
-        targets.append(ids[-len(continuation):])
-    order = sorted(rows, key=len, reverse=True)
-    most = {inputs: max(len(targets[i]) for i in ids) for inputs, ids in rows.items()}  # positions each row reads
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    start = 0
-    while start < len(order):
-        kept = max(most[inputs] for inputs in order[start : start + batch_size])
-        fits = max(1, min(batch_size, LOGITS_BUDGET // max(1, kept * vocab)))
-        batch = order[start : start + fits]
-        start += len(batch)
-        kept = max(most[inputs] for inputs in batch)
-        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
-        for r, inputs in enumerate(batch):
-            x[r, : len(inputs)] = torch.tensor(inputs)
-        # each row's last `kept` positions before its padding (clamped at 0 for a row shorter than that)
-        keep = torch.tensor([[max(0, len(inputs) - kept + j) for j in range(kept)] for inputs in batch])
-        logits = _logits_at(model, x.to(device), keep.to(device))
-        for r, inputs in enumerate(batch):
-            logp = logits[r, kept - most[inputs] :].float().log_softmax(-1)
-            for i in rows[inputs]:
-                want = torch.tensor(targets[i], device=logp.device)
-                mine = logp[most[inputs] - len(want):]
-                total = mine.gather(-1, want[:, None]).sum().item()
-                results[i] = (total, bool((mine.argmax(-1) == want).all()))
-    return results
+    totals = torch.zeros(len(pairs), dtype=torch.float64)
+    misses = torch.zeros(len(pairs), dtype=torch.long)
+    for rows in _rows(_contexts(pairs, max_len), batch_size, vocab):
+        width = max(sum(len(c.tokens) for c in row) for row in rows)
+        kept = max(sum(c.kept for c in row) for row in rows)
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        items = torch.full((len(rows), width), -1, dtype=torch.long)
+        branches = torch.zeros(len(rows), width, dtype=torch.long)
+        keep = torch.zeros(len(rows), kept, dtype=torch.long)
+        reads = []  # (pair, row, kept position, token)
+        for r, row in enumerate(rows):
+            at = k = 0
+            for n, c in enumerate(row):
+                end = at + len(c.tokens)
+                x[r, at:end] = torch.tensor(c.tokens)
+                items[r, at:end] = n
+                branches[r, at:end] = torch.tensor(c.branches)
+                keep[r, k : k + c.kept] = torch.arange(at + c.prefix - 1, end)
+                reads += [(i, r, k + j, token) for i, j, token in c.reads]
+                at, k = end, k + c.kept
+        logits = _logits_at(model, x.to(device), SharedPrefix(items.to(device), branches.to(device)), keep.to(device))
+        logp = logits.float().log_softmax(-1)
+        pair, row, at, token = torch.tensor(reads, device=logp.device).T
+        totals.index_add_(0, pair.cpu(), logp[row, at, token].double().cpu())
+        misses.index_add_(0, pair.cpu(), (logp[row, at].argmax(-1) != token).long().cpu())
+    return [(total, miss == 0) for total, miss in zip(totals.tolist(), misses.tolist())]
 
 
-def _logits_at(model: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The logits [B, K, V] of the inputs `x` [B, T] at positions `keep` [B, K] only: the head (and the vocabulary
-    it spans) runs on those positions alone."""
-    return model(x, keep=keep)[0]
+def _rows(contexts: list[_Context], batch_size: int, vocab: int):
+    """Batches of rows, each row a list of contexts laid side by side: the longest contexts left open up to
+    batch_size rows as wide as the first, each going into the first row with room for it, then the shortest left
+    fill the gaps. The kept logits (rows x kept positions x vocabulary) stay within LOGITS_BUDGET."""
+    order = collections.deque(sorted(contexts, key=lambda c: len(c.tokens), reverse=True))
+    while order:
+        width = len(order[0].tokens)
+        rows: list[list[_Context]] = []
+        while order and _place(rows, order[0], width, batch_size, vocab):
+            order.popleft()
+        while order and _place(rows, order[-1], width, 0, vocab):
+            order.pop()
+        yield rows
+
+
+def _place(rows: list[list[_Context]], c: _Context, width: int, most_rows: int, vocab: int) -> bool:
+    """Put `c` into the first of `rows` with room for it, else into a new row if there may be more than
+    `most_rows`; whether it went in."""
+    kept = [sum(other.kept for other in row) for row in rows]
+    most = max([c.kept, *kept])
+    for row, k in zip(rows, kept):
+        fits = sum(len(other.tokens) for other in row) + len(c.tokens) <= width
+        if fits and len(rows) * max(most, k + c.kept) * vocab <= LOGITS_BUDGET:
+            row.append(c)
+            return True
+    if not rows or (len(rows) < most_rows and (len(rows) + 1) * most * vocab <= LOGITS_BUDGET):
+        rows.append([c])
+        return True
+    return False
+
+
+def _logits_at(model: torch.nn.Module, x: torch.Tensor, layout: SharedPrefix, keep: torch.Tensor) -> torch.Tensor:
+    """The logits [B, K, V] of the inputs `x` [B, T] laid out as `layout` says, at positions `keep` [B, K] only: the
+    head (and the vocabulary it spans) runs on those positions alone."""
+    return model(x, cache=layout, keep=keep)[0]
 
 
 def check_encodable(tokenizer: Tokenizer, text: str, ids: list[int], where: str) -> None:
@@ -144,6 +221,10 @@ def _pairs(tokenizer: Tokenizer, model, items: list[Item], requests: list[list[t
         for prompt, text in texts:
             context_ids, continuation_ids = encode_pair(tokenizer, prompt, text)
             check_encodable(tokenizer, prompt + text, context_ids + continuation_ids, item.where)
+            if not continuation_ids and text.strip():
+                raise UserError(f"{item.where}: the choice or target {text!r} merges into the prompt's last token "
+                                "(it is scored as the tokens of prompt + choice past the prompt's own, as "
+                                "lm-evaluation-harness does), leaving nothing to score; put a delimiter between them")
             if not continuation_ids:
                 raise UserError(f"{item.where}: the choice or target {text!r} is empty; give it some text")
             if len(continuation_ids) >= max_len:
@@ -218,6 +299,10 @@ def _generate(model, tokenizer, task, items, k, batch_size):
         check_encodable(tokenizer, prompt, ids, item.where)
         if not ids:
             ids = [tokenizer.eot_id]
+        if not task.cut and len(ids) > max_len - new_tokens:
+            raise UserError(f"{item.where}: the prompt is {len(ids)} tokens, and {new_tokens} more are generated: "
+                            f"more than the model's context of {max_len}; evaluate a model with a longer context "
+                            f"(or a shorter task)")
         truncated += len(ids) > max_len - new_tokens
         requests.append(Request(prompt_ids=ids[-(max_len - new_tokens):], max_tokens=new_tokens, temperature=0.0,
                                 stop_ids=tuple(sorted(stop_ids))))
