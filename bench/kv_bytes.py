@@ -9,9 +9,11 @@ whole model. The DeepSeek-V3-size rows are built on the meta device (shapes only
 which the cache does not depend on). Decode: the batched engine (`Engine.run_all`, the serving path) on seeded
 random weights, `--batch` requests of a `--prompt`-token prompt each, greedy; decode tokens/s = the extra tokens
 over the extra time of a run to `--new` tokens against a run to 1 token (so prefill is out), the median of
-`--repeats`. Ratios are against multi-head attention of the same run. Latent attention decodes by up-projecting its
-whole cached latent to every head's keys and values at each step (model/mla.py; no absorbed form yet), so its cache
-is small but each step's work grows with the context.
+`--repeats` rounds, each round timing every model in turn (so a change in this shared host's load falls on all).
+Ratios are against multi-head attention of the same run. Latent attention decodes absorbed (model/mla.py: each head's
+query taken into the latent's space, attending over the cache entries as they lie); the row "up-projected" turns that
+off (`LatentAttention.absorb = False`): every step up-projects the whole cached latent to every head's keys
+and values, work that grows with the context.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +55,8 @@ def cache_bytes(model: Decoder, dtype: torch.dtype, rows: int = 2, positions: in
     return nbytes / (rows * positions), f"{k_heads}x{k_dim} + {v_heads}x{v_dim}"
 
 
-def decode_tok_s(model: Decoder, batch: int, prompt: int, new: int, repeats: int) -> float:
+def decode_timer(model: Decoder, batch: int, prompt: int, new: int) -> Callable[[], float]:
+    """A function timing one round: decode tokens/s of `batch` requests from the extra time of `new` tokens over 1."""
     engine = Engine(model, max_batch=batch, max_len=prompt + new)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (prompt,), generator=g).tolist() for _ in range(batch)]
@@ -63,8 +67,7 @@ def decode_tok_s(model: Decoder, batch: int, prompt: int, new: int, repeats: int
         return time.perf_counter() - t0
 
     run(2)  # warm-up
-    extra = [run(new) - run(1) for _ in range(repeats)]
-    return batch * (new - 1) / median(extra)
+    return lambda: batch * (new - 1) / (run(new) - run(1))
 
 
 def main() -> None:
@@ -82,16 +85,24 @@ def main() -> None:
 
     small = ModelConfig(family="llama", vocab_size=4096, n_layer=4, n_head=8, d_model=512, max_seq_len=1024,
                         tie_embeddings=False)
-    rows, base_bytes, base_speed = [], None, None
-    for name, config in variants(small, groups=4, rank=256, rope=32).items():
+    runs = [(name, config, True) for name, config in variants(small, groups=4, rank=256, rope=32).items()]
+    runs.append((runs[-1][0] + ", up-projected", runs[-1][1], False))
+    models, timers = [], []
+    for _, config, absorb in runs:
         torch.manual_seed(0)
         model = Decoder(config).to(dtype).eval()
+        for block in model.blocks:
+            block.attn.absorb = absorb  # (read by latent attention only)
+        models.append(model)
+        timers.append(decode_timer(model, args.batch, args.prompt, args.new))
+    speeds = [median(round_) for round_ in zip(*[[timer() for timer in timers] for _ in range(args.repeats)])]
+    rows, base_bytes = [], None
+    for (name, config, _), model, speed in zip(runs, models, speeds):
         per_token, shape = cache_bytes(model, dtype)
-        speed = decode_tok_s(model, args.batch, args.prompt, args.new, args.repeats)
-        base_bytes, base_speed = base_bytes or per_token, base_speed or speed
+        base_bytes = base_bytes or per_token
         rows.append([name, shape, f"{per_token / config.n_layer:,.0f}", f"{per_token:,.0f}",
                      f"{per_token / base_bytes:.3f}x", f"{model.num_params() / 1e6:.1f}M", f"{speed:,.0f}",
-                     f"{speed / base_speed:.2f}x"])
+                     f"{speed / speeds[0]:.2f}x"])
     print(f"small models: d_model 512, 8 heads of 64, 4 layers, vocab 4096, {args.dtype}; decode: {args.batch} "
           f"requests x ({args.prompt} prompt + {args.new} new) tokens through the engine\n")
     print(markdown_table(["attention", "cache per token and layer (heads x dim, k + v)", "bytes/token/layer",

@@ -156,3 +156,36 @@ def test_multi_token_prediction_layers_are_left_out(tmp_path, capsys):
     ours, _, _ = load_model_dir(tmp_path / "ours")
     with torch.no_grad():
         assert (ours.eval()(_idx())[0] - ref(_idx()).logits).abs().max().item() < 1e-4
+
+
+# DeepSeek-V3's own config.json (its published field values; the remote-code keys transformers ignores included)
+V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+      "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1,
+      "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02,
+      "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048,
+      "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+      "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+      "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+      "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+      "seq_aux": True, "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128,
+      "vocab_size": 129280, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                             "type": "yarn"}}
+
+
+def test_deepseek_v3s_own_config_reads_exactly_and_its_fp8_release_is_refused():
+    from commonlm.interop.hf import hf_config, model_config_from_hf
+
+    c = model_config_from_hf(V3)
+    assert (c.n_layer, c.n_head, c.kv_lora_rank, c.q_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim) == (
+        61, 128, 512, 1536, 128, 64)
+    assert (c.n_experts, c.experts_per_token, c.expert_groups, c.groups_per_token, c.dense_layers) == (256, 8, 8, 4, 3)
+    assert c.router_bias and c.router_scale == 2.5 and c.router_score == "sigmoid"
+    assert (c.rope_scaling, c.rope_factor, c.rope_original_len, c.max_seq_len) == ("yarn", 40, 4096, 163840)
+    assert c.rope_attention_factor == 1.0 and c.rope_mscale_all_dim == 1.0  # mscale / mscale_all_dim; the softmax's
+    assert hf_incompatibility(c) is None
+    assert model_config_from_hf(hf_config(c)) == c
+    with pytest.raises(UserError, match="quantization_config.quant_method='fp8'"):
+        model_config_from_hf({**V3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+    with pytest.raises(UserError, match="scoring_func='softmax'"):
+        model_config_from_hf({**V3, "scoring_func": "softmax"})

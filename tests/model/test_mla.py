@@ -42,10 +42,32 @@ def make(name: str) -> Decoder:
 def test_the_cache_holds_the_latent_and_the_rotary_key_only():
     model = make("latent")
     assert isinstance(model.blocks[0].attn, LatentAttention)
-    cache = model.new_cache(batch_size=2, max_len=16)
-    assert cache.k.shape == (2, 2, 1, 16, 16) and cache.v.shape == (2, 2, 1, 16, 8)  # [layers, rows, 1, pos, dim]
+    cache = model.new_cache(batch_size=2, max_len=16)  # [layers, rows, 1, positions, latent 16 + rotary key 8]
+    assert cache.k.shape == (2, 2, 1, 16, 24) and cache.v.numel() == 0
     slots = model.new_cache(batch_size=2, max_len=16, kind=SlotKVCache)
-    assert slots.k.shape == (2, 2, 16, 1, 16) and slots.v.shape == (2, 2, 16, 1, 8)
+    assert slots.k.shape == (2, 2, 16, 1, 24) and slots.v.numel() == 0
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5], [6, 7, 8]]), cache=cache)
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        h, _ = model.blocks[0](model.embed(torch.tensor([[3, 4, 5], [6, 7, 8]])), model.rotary(0, 3))
+        latent = attn.kv_norm(attn.kv_a(model.blocks[1].norm1(h))[..., :16])
+    assert torch.allclose(cache.k[1, :, 0, :3, :16], latent, atol=1e-6)  # the normalised latent, as computed
+
+
+@pytest.mark.parametrize("name", ["latent", "plain-q-wide-v", "window"])
+def test_absorbed_decoding_equals_up_projecting_the_cache(name):
+    model = make(name)
+    idx = torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for absorb in (True, False):
+        for block in model.blocks:
+            block.attn.absorb = absorb
+        cache = model.new_cache(2, 16, kind=SlotKVCache)
+        with torch.no_grad():
+            model(idx[:, :8], cache=cache)
+            outs.append(torch.cat([model(idx[:, t : t + 1], cache=cache)[0] for t in range(8, 14)], dim=1))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -327,6 +327,14 @@ def _deepseek_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         return default if value is None and default is not None else value
 
     n_layer, heads = get("num_hidden_layers", 61), get("num_attention_heads", 128)
+    if cfg.get("quantization_config"):  # (DeepSeek's own release: fp8 blocks with their scales beside them)
+        quantized = cfg["quantization_config"]
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized
+        raise _refuse("quantization_config.quant_method", method, "dequantize the weights to bf16 or fp32 first")
+    # fields of DeepSeek's own (remote-code) config that transformers' class reads as fixed: refused when not those
+    for key, fixed in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if cfg.get(key, fixed) != fixed:
+            raise _refuse(key, cfg[key], f"DeepseekV3ForCausalLM routes with {key}={fixed!r} only")
     if get("attention_bias", False):
         raise _refuse("attention_bias", True, "DeepSeek-V3 without attention biases only")
     if get("num_key_value_heads", heads) != heads:
