@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=900, help="seconds each training run may take")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temporary dir)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # (as every process below runs: the header's thread count says so)
     if any(args.steps % h for h in args.sync_every):
         raise SystemExit(f"diloco_quality: --steps {args.steps} must be a multiple of every --sync-every")
 
