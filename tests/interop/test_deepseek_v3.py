@@ -120,10 +120,14 @@ def test_transformers_loads_our_directory_with_same_logits(kind, tmp_path):
         assert torch.equal(again.eval()(idx)[0], ours)
 
 
-def test_what_the_class_cannot_hold_is_saved_natively(tmp_path):
-    # a training-time balancing rate has no DeepSeek-V3 field (nor its pending-load buffer a name): native, said why
-    config, model = _ours(**OURS["moe"] | {"balance_rate": 1e-3})
-    assert "balance_rate" in hf_incompatibility(config)
+@pytest.mark.parametrize("fields", [
+    {"balance_rate": 1e-3},  # a training-time rate: no DeepSeek-V3 field (nor its pending-load buffer a name)
+    {"router_aux_loss": 0.01}, {"n_shared_experts": 0}, {"router_score": "softmax"}, {"sliding_window": 8},
+    {"router_bias": False},
+])
+def test_what_the_class_cannot_hold_is_saved_natively(fields, tmp_path):
+    config, model = _ours(**OURS["moe"] | fields)
+    assert f"{next(iter(fields))}=" in hf_incompatibility(config)
     save_model_dir(tmp_path / "m", model, Tokenizer.byte_level(), RunConfig(model=config))
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "commonlm"
 

@@ -97,7 +97,7 @@ def test_packed_rows_equal_each_sequence_alone():
 @pytest.mark.parametrize("name", ["latent", "moe"])
 def test_the_engine_decodes_two_requests_of_different_lengths_as_recomputing_would(name):
     model = make(name)
-    prompts = [[5, 17, 3, 88, 41, 9, 60, 2, 33, 70, 12], [7, 7, 19]]
+    prompts = [[5, 17, 3, 88, 41, 9, 60, 2, 33, 70, 12], [7, 7, 19], [7, 7, 19]]  # (the twin's prefill is copied)
 
     def recomputed(prompt, n):
         ids = list(prompt)
@@ -107,7 +107,7 @@ def test_the_engine_decodes_two_requests_of_different_lengths_as_recomputing_wou
         return ids[len(prompt):]
 
     expected = [recomputed(p, 12) for p in prompts]
-    engine = Engine(model, max_batch=2, prefill_chunk=4)  # chunked prefill, then both rows decoding together
+    engine = Engine(model, max_batch=3, prefill_chunk=4)  # chunked prefill, then the rows decoding together
     seqs = engine.run_all([Request(prompt_ids=p, max_tokens=12, temperature=0.0) for p in prompts])
     assert [s.generated for s in seqs] == expected
 
@@ -147,3 +147,17 @@ def test_a_tiny_latent_attention_model_trains_through_the_loop_and_saves_as_deep
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(UserError, match=field.replace(".", r"\.")):
         load_config("tiny", overrides)
+
+
+def test_a_quantized_latent_model_decodes_through_the_up_projection():
+    # an int8 kv_b has no plain weight matrix to absorb: one-token steps up-project the cache as prefill does
+    from commonlm.infer.quant import quantize_model
+
+    model = quantize_model(make("latent"), "int8")
+    assert not isinstance(model.blocks[0].attn.kv_b, torch.nn.Linear)
+    idx = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(1, 16)
+        steps = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(6, 12)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
