@@ -161,3 +161,11 @@ def test_a_quantized_latent_model_decodes_through_the_up_projection():
         cache = model.new_cache(1, 16)
         steps = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(6, 12)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_the_compiled_decode_step_absorbs_as_eager_decoding_does():
+    from tests.infer.test_compiled import compiled_logits_match
+
+    assert compiled_logits_match(make("latent")) < 1e-4
