@@ -189,6 +189,12 @@ def test_deepseek_v3s_own_config_reads_exactly_and_its_fp8_release_is_refused():
     assert c.rope_attention_factor == 1.0 and c.rope_mscale_all_dim == 1.0  # mscale / mscale_all_dim; the softmax's
     assert hf_incompatibility(c) is None
     assert model_config_from_hf(hf_config(c)) == c
+    # a key left out reads as DeepseekV3Config's default, as transformers reads it
+    bare = model_config_from_hf({"model_type": "deepseek_v3"})
+    theirs = transformers.DeepseekV3Config()
+    assert (bare.max_seq_len, bare.q_lora_rank, bare.dense_layers, bare.expert_groups, bare.router_scale) == (
+        theirs.max_position_embeddings, theirs.q_lora_rank, theirs.first_k_dense_replace, theirs.n_group,
+        theirs.routed_scaling_factor)
     with pytest.raises(UserError, match="quantization_config.quant_method='fp8'"):
         model_config_from_hf({**V3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
     with pytest.raises(UserError, match="scoring_func='softmax'"):

@@ -339,7 +339,7 @@ def _deepseek_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         raise _refuse("attention_bias", True, "DeepSeek-V3 without attention biases only")
     if get("num_key_value_heads", heads) != heads:
         raise _refuse("num_key_value_heads", cfg["num_key_value_heads"], f"latent attention has all {heads} heads")
-    rope = _rope_from_hf(cfg)
+    rope = _rope_from_hf({"max_position_embeddings": 4096, **cfg})  # (DeepseekV3Config's default context)
     mscale_all_dim = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}).get("mscale_all_dim")
     if mscale_all_dim and rope.get("rope_scaling") == "yarn":
         rope["rope_mscale_all_dim"] = float(mscale_all_dim)
