@@ -14,6 +14,8 @@ back everything each query may see (`update`), and move on (`advance`).
   compiled decode step (infer/compiled.py) sees the same graph at every token.
 - `PackedRows`: no cache at all, but training's packed sequences (several conversations in one row), which
   need the same two answers: positions that restart, and a mask that keeps each sequence to itself.
+- `SharedPrefix`: no cache either, but scoring's rows (evaluate/scoring.py): a context laid once with its
+  continuations after it, each continuing the context's positions and seeing the context and itself only.
 """
 
 from __future__ import annotations
