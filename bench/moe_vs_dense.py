@@ -9,7 +9,7 @@ learning rate after warmup, each for the same wall time (train.max_time), then e
 tokens. The dense model's SwiGLU is d_ff wide; the mixture has n_experts experts of d_ff / top_k each and runs
 top_k of them per token, so both run the same matmul weights per token (the mixture adds its router). Tokens/s is
 the tokens trained over the wall time given (setup included, the same for both); ratios are against the dense model
-of the same run.
+of the same run. The mixture's router metrics (model/moe.py `router_metrics`) are those of its last log step.
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ def run(name: str, data: Path, out: Path, seconds: float, threads: int, model: l
     config = load_config("speedrun-cpu", overrides)
     config.data.path = str(data)
     result = train(config, out)
-    vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
+    records = read_metrics(out)
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    routers = [r for r in records if "moe_balance" in r]  # (the router metrics of the last log step)
     decoder = load_model_dir(result.final_dir)[0]
     tokens = result.step * config.train.micro_batch_size * config.model.max_seq_len
     return {"name": name, "steps": result.step, "tok_s": tokens / seconds, "val": vals[-1],
-            "params": decoder.num_params(), "flops": decoder.flops_per_token(config.model.max_seq_len)}
+            "params": decoder.num_params(), "flops": decoder.flops_per_token(config.model.max_seq_len),
+            "router": f"{routers[-1]['moe_balance']:.2f} / {routers[-1]['moe_router_entropy']:.2f}" if routers else "-"}
 
 
 def layer_times(d_model: int, d_ff: int, experts: int, top_k: int, tokens: int = 1024) -> list[list[str]]:
@@ -108,11 +111,12 @@ def main() -> None:
                        args.seconds, threads, moe)]
     base = results[0]
     rows = [[r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['flops'] / 6 / 1e6:.3f}M", r["steps"], f"{r['tok_s']:,.0f}",
-             f"{r['tok_s'] / base['tok_s']:.2f}x", f"{r['val']:.4f}", f"{r['val'] - base['val']:+.4f}"]
+             f"{r['tok_s'] / base['tok_s']:.2f}x", f"{r['val']:.4f}", f"{r['val'] - base['val']:+.4f}", r["router"]]
             for r in results]
     print()
     print(markdown_table(["model", "params", "active (FLOPs/6 per token)", "steps", "tok/s", "tok/s vs dense",
-                          f"val loss after {args.seconds:g} s", "vs dense"], rows))
+                          f"val loss after {args.seconds:g} s", "vs dense",
+                          "router balance (max/mean load) / entropy, last log step"], rows))
     print(f"\nload {load_average()}")
 
 

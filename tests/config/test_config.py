@@ -16,6 +16,7 @@ from commonlm.config import (
     load_config,
     parse_override,
 )
+from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.model.decoder import Decoder
 
@@ -250,7 +251,7 @@ def test_yaml_file_loads_and_overrides_apply_on_top(tmp_path):
 
 def test_presets_exist():
     names = list_presets()
-    for expected in ["tiny", "gpt2-small", "llama-1b", "qwen3-0.6b", "nanogpt-cpu"]:
+    for expected in ["tiny", "gpt2-small", "llama-1b", "qwen3-0.6b", "nanogpt-cpu", "bytes-cpu"]:
         assert expected in names
 
 
@@ -301,6 +302,7 @@ NOMINAL = [
     ("tiny", 264, 1e6, 0.15),
     ("tiny", 32000, 5e6, 0.02),
     ("speedrun-cpu", 320, 0.68e6, 0.01),  # the byte tokenizer's 264 tokens, rounded up to 320
+    ("bytes-cpu", 320, 0.68e6, 0.01),  # its comment's count, at the vocabulary the preset sets
 ]
 
 
@@ -375,3 +377,11 @@ def test_yaml_numbers_that_pyyaml_reads_as_strings_are_accepted(tmp_path):
     path.write_text("model:\n  n_layer: 3e-4\n")
     with pytest.raises(UserError, match="model.n_layer=0.0003 must be an integer"):
         load_config(str(path))
+
+
+def test_bytes_cpu_preset_fits_the_byte_tokenizer():
+    """bytes-cpu sets the byte vocabulary (so `commonlm presets` counts it right): the byte tokenizer's size
+    rounded up to 64, as `train` rounds it; bench/bytes_vs_bpe.py gives its BPE model a quarter of its context."""
+    cfg = load_config("bytes-cpu")
+    assert cfg.model.vocab_size == 64 * -(-Tokenizer.byte_level().vocab_size // 64)
+    assert cfg.model.max_seq_len % 4 == 0
