@@ -209,27 +209,46 @@ def test_int8_and_topk_volunteers_hold_the_same_weights_and_their_first_step_is_
 
 @pytest.mark.slow
 @needs_namespace
-def test_streaming_fragments_are_synced_in_turn_and_each_is_the_same_on_both_volunteers_after_its_sync(
-        local_data, tmp_path):
-    # H = 4 in 2 fragments (embedding + block 0; block 1 + final norm): one fragment synced every 2 steps, in turn
-    a, b = _two_volunteers(local_data, tmp_path, 8, "train.swarm_sync_every=4", "train.swarm_fragments=2",
-                           "train.ckpt_every=2", "train.keep_last=4", "train.swarm_compress=int8")
+@pytest.mark.parametrize("max_steps", [8, 9])
+def test_streaming_fragments_are_synced_in_turn_and_the_run_ends_with_one_global_model(local_data, tmp_path,
+                                                                                      max_steps):
+    # H = 4 in 2 fragments (embedding + block 0; block 1 + final norm): one fragment synced every 2 steps, in turn;
+    # after the last step the fragments that trained on since their own sync are synced once more: at 8 steps
+    # fragment 0 (fragment 1 was synced at step 8), at 9 both
+    a, b = _two_volunteers(local_data, tmp_path, max_steps, "train.swarm_sync_every=4", "train.swarm_fragments=2",
+                           "train.ckpt_every=2", "train.keep_last=5", "train.swarm_compress=int8")
+    # the final models are one global model: every tensor the same on both volunteers
+    final_a, final_b = _weights(a / "final"), _weights(b / "final")
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     parameters = dict(load_model_dir(a / "final")[0].named_parameters())  # (a tied weight once)
     second = [name for name in parameters if name.startswith("blocks.1.") or name == "norm.weight"]
     fragments = [[name for name in parameters if name not in second], second]
     sizes = [sum(parameters[name].numel() for name in names) for names in fragments]
+    end_syncs = [(max_steps, 5, 0, True)] + ([(max_steps, 6, 1, True)] if max_steps == 9 else [])
     for run in (a, b):
         syncs = _syncs(run)
         assert [(r["step"], r["swarm_sync"], r["swarm_fragment"], r["swarm_committed"]) for r in syncs] == [
-            (2, 1, 0, True), (4, 2, 1, True), (6, 3, 0, True), (8, 4, 1, True)]
+            (2, 1, 0, True), (4, 2, 1, True), (6, 3, 0, True), (8, 4, 1, True)] + end_syncs
+        assert [r.get("swarm_end", False) for r in syncs] == [False] * 4 + [True] * len(end_syncs)
         # bytes per sync are the fragment's: int8 blocks of 256 and their scales, padded for 2 volunteers
         assert [r["swarm_payload_bytes"] for r in syncs] == [
-            -(-size // 512) * 512 * (1 + 4 / 256) for size in sizes] * 2
+            -(-size // 512) * 512 * (1 + 4 / 256) for size in sizes * 3][:len(syncs)]
     for step, synced in [(2, 0), (4, 1), (6, 0), (8, 1)]:
         wa, wb = (_weights(run / f"checkpoints/step_{step:06d}") for run in (a, b))
         assert all(torch.equal(wa[name], wb[name]) for name in fragments[synced]), step
         # the other fragment trained on locally since its own sync (its global weights differ only in its steps)
         assert not all(torch.equal(wa[name], wb[name]) for name in fragments[1 - synced]), step
+
+    # the end syncs moved the fragments that were local at the last step (the checkpoint there), and only those;
+    # by an outer step (not back to their global weights of their last sync: the checkpoint of that step)
+    last = _weights(a / f"checkpoints/step_{max_steps:06d}")
+    moved = {0: 6, 1: 8} if max_steps == 9 else {0: 6}
+    for index, names in enumerate(fragments):
+        unchanged = [torch.equal(final_a[name], last[name]) for name in names]
+        assert (not all(unchanged)) if index in moved else all(unchanged), index
+        if index in moved:
+            synced = _weights(a / f"checkpoints/step_{moved[index]:06d}")
+            assert not all(torch.equal(final_a[name], synced[name]) for name in names), index
 
 
 @pytest.mark.slow

@@ -31,7 +31,9 @@ What is sent (train.swarm_compress): the fp32 pseudo-gradients, or bf16, int8 or
 each with error feedback (scale/compress.py, which also counts the bytes each collective carries). Streaming
 DiLoCo (train.swarm_fragments = N > 1): the model in N fragments of whole blocks, torchft's DiLoCo syncing one of
 them every H / N steps in turn, so each sync sends 1/N of the model and a fragment is global only right after its
-own sync (the others have trained on locally since theirs).
+own sync (the others have trained on locally since theirs). So when the loop has run to train.max_steps, every
+fragment that trained since its own sync (with N = 1 and max_steps not a multiple of H: the model) is synced once
+more before the final model is written (`_end_sync`), and every volunteer's final model is the same global one.
 
 The glue here: a TCPStore for torchft's process group, the Manager (its healing state: model and inner
 optimizer), DiLoCo, and a record in metrics.jsonl per sync with the bytes sent. Every volunteer must start
@@ -128,7 +130,8 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
     outers = [torch.optim.SGD(fragment.parameters(), lr=cfg.swarm_outer_lr, momentum=momentum,
                               nesterov=momentum > 0) for fragment in fragments]  # (one each: see _fragments)
     try:
-        with DiLoCo(manager, fragments, optimizer, outers, sync_every=cfg.swarm_sync_every, pin_memory=False):
+        with DiLoCo(manager, fragments, optimizer, outers, sync_every=cfg.swarm_sync_every,
+                    pin_memory=False) as diloco:
             counter = _SyncLog(manager, cfg.swarm_sync_every, len(fragments), metrics, step, sender, clip)
             hook = optimizer.register_step_post_hook(counter)  # after DiLoCo's: sees the sync that just happened
             clock = optimizer.register_step_pre_hook(counter.before)
@@ -141,6 +144,8 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
             finally:
                 hook.remove()
                 clock.remove()
+            if counter.step >= cfg.max_steps:  # (the loop ran to its last step, as every volunteer's does)
+                _end_sync(diloco._fragments, counter)  # (torchft 0.2.0's fragments: no public accessor)
     finally:
         manager.shutdown(wait=False)
 
@@ -179,6 +184,36 @@ def _fragments(model: nn.Module, count: int) -> list[nn.Module]:
     return fragments
 
 
+def _end_sync(fragments: list, log: _SyncLog) -> None:
+    """After the loop's last step, so that the final model is the global one on every volunteer: one more outer step
+    (quorum, compressed all-reduce of the pseudo-gradients, outer SGD) for each fragment that trained on since its
+    own sync, in DiLoCo's order (the manager's step modulo their number). That is all of them, unless the last step
+    was a sync: then all but the fragment it synced. Every volunteer that ran the same max_steps reaches the same
+    count here. An outer step rather than going back to each fragment's last global weights: those inner steps
+    were trained, and a sync sends only what it would have sent at its own turn, early.
+
+    If a sync fails (not applied, or no quorum within train.swarm_quorum_timeout), every fragment goes back to its
+    global weights of its own last applied sync: the same on every volunteer, without the steps since."""
+    unsynced = 0 if not log.inner_steps else len(fragments) - (log.inner_steps % log.period == 0)
+    for _ in range(unsynced):
+        log.before()
+        try:
+            log.manager.start_quorum()
+        except (TimeoutError, RuntimeError) as e:  # (the others gone, the lighthouse gone)
+            committed, failure = False, f"found no quorum ({e})"
+        else:
+            fragment = fragments[log.manager.current_step() % len(fragments)]  # (after any healing, as DiLoCo)
+            fragment.prepare_sync()
+            committed, failure = fragment.perform_sync(), "was not applied"
+            log.synced(end=True)
+        if not committed:
+            for fragment in fragments:
+                fragment.restore_parameters()
+            log.metrics.note(f"[yellow]an end sync {failure}: every fragment is back at its global weights of its last "
+                             "applied sync (the same on every volunteer; the inner steps since are dropped)[/]")
+            return
+
+
 def _torchft():
     try:
         from torchft import Manager, ProcessGroupGloo
@@ -189,7 +224,8 @@ def _torchft():
 
 
 class _SyncLog:
-    """An inner-optimizer step hook: after each outer sync, one metrics record of what it did and sent."""
+    """An inner-optimizer step hook: after each outer sync, one metrics record of what it did and sent (the end
+    syncs call `synced` themselves)."""
 
     def __init__(self, manager, sync_every: int, fragments: int, metrics: Metrics, step: int, sender,
                  clip: _NormClip | None) -> None:
@@ -201,14 +237,17 @@ class _SyncLog:
         self.commits = manager.current_step()
         self.sent_total = 0
 
-    def before(self, optimizer, args, kwargs) -> None:
+    def before(self, *hook_args) -> None:
         self.started = time.perf_counter()
 
     def __call__(self, optimizer, args, kwargs) -> None:
         self.inner_steps += 1
         self.step += 1
-        if self.inner_steps % self.period:
-            return
+        if self.inner_steps % self.period == 0:
+            self.synced()
+
+    def synced(self, end: bool = False) -> None:
+        """Log the sync that just happened (`end`: one of the end syncs, after the last step)."""
         commits = self.manager.current_step()
         committed = commits > self.commits
         fragment = (commits - committed) % self.fragments  # (the step it was synced at, as DiLoCo chose)
@@ -219,12 +258,15 @@ class _SyncLog:
         payload, sent = self.sender.traffic.take()  # what went into this sync's collectives, and out of this machine
         self.sent_total += sent
         # the seconds of the optimizer step that synced: its inner step, the quorum, the all-reduce, the outer step
+        # (an end sync: no inner step)
         seconds = time.perf_counter() - self.started
         record = {"step": self.step, "swarm_sync": commits, "swarm_committed": committed,
                   "swarm_volunteers": volunteers, "swarm_payload_bytes": payload, "swarm_sent_bytes": sent,
                   "swarm_sent_total": self.sent_total, "swarm_sync_s": round(seconds, 4)}
         if self.fragments > 1:
             record["swarm_fragment"] = fragment
+        if end:
+            record["swarm_end"] = True
         clipped = ""
         if self.clip is not None and self.clip.norms is not None:
             record |= {"swarm_update_norm": self.clip.norm, "swarm_norms": self.clip.norms,
@@ -234,7 +276,8 @@ class _SyncLog:
                            f"(median {self.clip.median:.3g})")
         outcome = "applied" if committed else "NOT applied (failed)"
         part = f" (fragment {fragment} of {self.fragments})" if self.fragments > 1 else ""
-        self.metrics.log(record, f"step {self.step}: outer sync {commits}{part} {outcome} with {volunteers} "
+        what = "end sync" if end else "outer sync"
+        self.metrics.log(record, f"step {self.step}: {what} {commits}{part} {outcome} with {volunteers} "
                          f"volunteer(s) in {seconds:.2f}s · sent {human(sent)}B{clipped}")
 
 
