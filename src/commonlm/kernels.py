@@ -17,25 +17,27 @@ MATH_ATTENTION_MAX_T = 256
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = True, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) [+ mask]) v for q [B, H, T, D] and k, v [B, H, S, D]: SDPA, except on CPU in
-    bf16 for short causal sequences, where the plain matmuls are faster."""
+              causal: bool = True, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ mask]) v for q [B, H, T, D], k [B, H, S, D] and v [B, H, S, Dv] (scale: 1/sqrt(D)
+    unless given): SDPA, except on CPU in bf16 for short causal sequences, where the plain matmuls are faster."""
     T = q.shape[-2]
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and causal and mask is None and dropout == 0.0 and (
             1 < T <= MATH_ATTENTION_MAX_T):
-        return causal_math_attention(q, k, v)
+        return causal_math_attention(q, k, v, scale)
     # (a causal mask over one query is a no-op, so is_causal needs no test of T: exportable)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=scale)
 
 
-def causal_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + causal mask) v for q [B, H, T, D] and k, v [B, H, S, D], S >= T."""
+def causal_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv], S >= T."""
     B, H, T, D = q.shape
-    S = k.shape[-2]
+    S, Dv = k.shape[-2], v.shape[-1]
     # an additive mask fused into the q k^T matmul (baddbmm): no masked_fill forward or backward
     mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)
-    scores = torch.baddbmm(mask, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=D**-0.5)
-    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, S, D)).view(B, H, T, D)
+    scores = torch.baddbmm(mask, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2),
+                           alpha=D**-0.5 if scale is None else scale)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, S, Dv)).view(B, H, T, Dv)
 
 
 class MatVecLinear(nn.Linear):

@@ -16,6 +16,9 @@ FAMILIES = {
                          vocab_size=320, max_seq_len=48),
     "gpt2": ModelConfig(family="gpt2", pos_emb="learned", norm="layernorm", mlp="gelu_tanh", bias=True, n_layer=2,
                         n_head=4, d_model=64, vocab_size=320, max_seq_len=48),
+    "deepseek_v3": ModelConfig(family="deepseek_v3", n_layer=2, n_head=4, d_model=64, vocab_size=320, max_seq_len=48,
+                               tie_embeddings=False, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+                               qk_rope_head_dim=8, v_head_dim=12),
 }
 
 
@@ -33,7 +36,7 @@ def _model(kind):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "deepseek_v3"])
 def test_onnx_matches_pytorch_with_dynamic_batch_and_sequence(kind, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from commonlm.interop.onnx_export import export_onnx
@@ -47,6 +50,16 @@ def test_onnx_matches_pytorch_with_dynamic_batch_and_sequence(kind, tmp_path):
         with torch.no_grad():
             want = model(idx)[0].numpy()
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+
+
+def test_onnx_refuses_a_mixture_of_experts_in_one_line(tmp_path):
+    from commonlm.interop.onnx_export import export_onnx
+
+    moe = Decoder(ModelConfig(family="qwen3_moe", qk_norm=True, n_layer=1, n_head=2, d_model=32, vocab_size=64,
+                              max_seq_len=16, n_experts=4, experts_per_token=2, expert_ff_dim=16))
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        export_onnx(moe, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def _reference_gguf_tensors(model, kind):

@@ -169,3 +169,11 @@ def test_the_compiled_decode_step_absorbs_as_eager_decoding_does():
     from tests.infer.test_compiled import compiled_logits_match
 
     assert compiled_logits_match(make("latent")) < 1e-4
+
+
+def test_flops_count_the_values_at_their_own_width():
+    c = VARIANTS["plain-q-wide-v"]
+    model = Decoder(c)
+    matmul = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    scores, weighted = 6 * c.n_head * (8 + 8), 6 * c.n_head * 24  # q k^T over 16 dims, values 24 wide
+    assert model.flops_per_token(10) == 6 * matmul + c.n_layer * (scores + weighted) * 10

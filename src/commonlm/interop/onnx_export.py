@@ -36,6 +36,9 @@ def export_onnx(model: Decoder, out: str | Path) -> Path:
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise UserError(f"export: ONNX needs the '{e.name}' package (pip install onnx onnxscript)") from e
+    if model.config.n_experts:
+        raise UserError("export: ONNX has no path for mixture-of-experts models yet (tokens go to experts by a "
+                        "data-dependent split); export to transformers (the default format) instead")
     out = Path(out)
     model = model.float().eval()
     example = torch.zeros(2, min(8, model.config.max_seq_len), dtype=torch.long)

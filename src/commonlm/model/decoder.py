@@ -429,7 +429,8 @@ class Decoder(nn.Module):
             if hasattr(m, "active_params"):
                 matmul += m.active_params
                 trained += m.active_params if m.experts.down_proj.requires_grad else 0
-        attention = 12 * c.n_layer * c.n_head * c.dim_head * seq_len
+        # q k^T and the weighted sum of values: 6 FLOPs per product each (latent attention: values of their own width)
+        attention = 6 * c.n_layer * c.n_head * (c.dim_head + (c.v_head_dim if c.kv_lora_rank else c.dim_head)) * seq_len
         return 4 * matmul + 2 * trained + 6 * adapters + attention
 
     def new_cache(

@@ -29,7 +29,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from commonlm.config import ModelConfig
 from commonlm.kernels import MatVecLinear, attention
@@ -62,6 +61,7 @@ class LatentAttention(nn.Module):
         # the softmax scale over SDPA's 1/sqrt(qk_dim): yarn's mscale squared (DeepSeek), 1 otherwise
         mscale = 0.1 * c.rope_mscale_all_dim * math.log(c.rope_factor) + 1.0 if c.rope_factor > 1 else 1.0
         self.q_scale = mscale**2 if c.rope_mscale_all_dim else 1.0
+        self.softmax_scale = self.q_scale / math.sqrt(self.qk_dim)
         self.absorb = True  # one-token steps through the latent (False: up-project the whole cache, for comparison)
 
     @property
@@ -102,8 +102,8 @@ class LatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, self.n_head, S, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, qk_dim]
-        y = attention(*self._same_width(q, k, v), mask=mask, causal=causal,
-                      dropout=self.dropout if self.training else 0.0)[..., : self.v_dim]
+        y = attention(q, k, v, mask=mask, causal=causal, dropout=self.dropout if self.training else 0.0,
+                      scale=self.softmax_scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, entry: torch.Tensor,
@@ -115,20 +115,6 @@ class LatentAttention(nn.Module):
         weight = self.kv_b.weight.view(self.n_head, self.nope_dim + self.v_dim, self.rank)
         w_k, w_v = weight.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope_dim, rank], [H, v_dim, rank]
         q = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_k.to(q_nope.dtype)), q_rope], dim=-1)
-        # attention() scales by 1/sqrt(rank + rope_dim); the heads' own scale is q_scale / sqrt(qk_dim)
-        q = q * (self.q_scale * math.sqrt((self.rank + self.rope_dim) / self.qk_dim))
         out = attention(q[:, None], entry, entry[..., : self.rank], mask=mask, causal=False,
-                        dropout=self.dropout if self.training else 0.0)  # [B, 1, H, rank]
+                        dropout=self.dropout if self.training else 0.0, scale=self.softmax_scale)  # [B, 1, H, rank]
         return torch.einsum("bhr,hvr->bhv", out[:, 0], w_v.to(out.dtype))
-
-    def _same_width(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k and v of one head width, as `attention()` takes them (its CPU math path assumes one), the softmax
-        scale folded into q: values narrower than keys get zero columns (cut from the output), keys narrower than
-        values zero columns too, with q scaled back to 1/sqrt(qk_dim)."""
-        scale, width = self.q_scale, max(self.qk_dim, self.v_dim)
-        if self.v_dim < width:
-            v = F.pad(v, (0, width - self.v_dim))
-        if self.qk_dim < width:
-            q, k = F.pad(q, (0, width - self.qk_dim)), F.pad(k, (0, width - self.qk_dim))
-            scale *= math.sqrt(width / self.qk_dim)
-        return (q * scale if scale != 1.0 else q), k, v
