@@ -253,6 +253,36 @@ def test_streaming_fragments_are_synced_in_turn_and_the_run_ends_with_one_global
 
 @pytest.mark.slow
 @needs_namespace
+def test_an_end_sync_without_a_quorum_leaves_every_fragment_at_its_last_global_weights(local_data, tmp_path):
+    # B runs 6 steps, A 8: B's end sync (fragment 1) pairs with A's own sync of fragment 1 at step 8, then B is gone
+    # and A's end sync (fragment 0) finds no quorum within its timeout; A goes back to fragment 0's global weights of
+    # step 6, so both final models are still the same global one
+    a, b = tmp_path / "a", tmp_path / "b"
+    fragmented = ["train.swarm_sync_every=4", "train.swarm_fragments=2", "train.ckpt_every=2", "train.keep_last=4"]
+    out = _run_in_namespace(tmp_path, 2, "\n".join([
+        _volunteer(local_data[0], a, 8, *fragmented, "train.swarm_quorum_timeout=20"), "A=$!",
+        _volunteer(local_data[1], b, 6, *fragmented), "B=$!", "wait $A; echo a exit $?", "wait $B; echo b exit $?"]))
+    assert "a exit 0" in out and "b exit 0" in out, out + _log_tail(Path(f"{a}.log")) + _log_tail(Path(f"{b}.log"))
+
+    final_a, final_b = _weights(a / "final"), _weights(b / "final")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    syncs = [(r["step"], r["swarm_sync"], r["swarm_fragment"], r["swarm_committed"], r.get("swarm_end", False))
+             for r in _syncs(b)]
+    assert syncs == [(2, 1, 0, True, False), (4, 2, 1, True, False), (6, 3, 0, True, False), (6, 4, 1, True, True)]
+    syncs = [(r["step"], r["swarm_sync"], r["swarm_fragment"], r["swarm_committed"]) for r in _syncs(a)]
+    assert syncs == [(2, 1, 0, True), (4, 2, 1, True), (6, 3, 0, True), (8, 4, 1, True)]
+    failed = [r for r in read_metrics(a) if "swarm_end_failed" in r]
+    assert len(failed) == 1 and failed[0]["step"] == 8 and "no quorum" in failed[0]["swarm_end_failed"]
+    # fragment 0 is A's global weights of its sync at step 6 again, not its local weights of step 8
+    parameters = dict(load_model_dir(a / "final")[0].named_parameters())
+    first = [name for name in parameters if not name.startswith("blocks.1.") and name != "norm.weight"]
+    global_6, local_8 = _weights(a / "checkpoints/step_000006"), _weights(a / "checkpoints/step_000008")
+    assert all(torch.equal(final_a[name], global_6[name]) for name in first)
+    assert not all(torch.equal(final_a[name], local_8[name]) for name in first)
+
+
+@pytest.mark.slow
+@needs_namespace
 def test_a_leaver_does_not_stop_the_others_and_a_late_joiner_heals_from_a_peer(local_data, tmp_path):
     # A trains 3 outer rounds; B leaves after the first; C starts only after B is gone, so A's second sync waits
     # for C (a quorum needs 2), and C, behind by one sync, fetches A's state and syncs with it from then on

@@ -77,7 +77,8 @@ from commonlm.world import World
 def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torch.optim.Optimizer,
               metrics: Metrics, step: int) -> Iterator[None]:
     """The training loop's body runs inside this: with train.swarm set, as a DiLoCo volunteer whose syncs happen
-    in `optimizer.step()`; else nothing changes. `step` is the loop's step on entry (for the metrics)."""
+    in `optimizer.step()`, and once the loop ran to train.max_steps the end syncs (`_end_sync`) happen on the way
+    out, before the trainer writes the final model; else nothing changes. `step` is the loop's step on entry."""
     cfg = config.train
     if not cfg.swarm:
         yield
@@ -145,7 +146,8 @@ def volunteer(config: RunConfig, world: World, model: nn.Module, optimizer: torc
                 hook.remove()
                 clock.remove()
             if counter.step >= cfg.max_steps:  # (the loop ran to its last step, as every volunteer's does)
-                _end_sync(diloco._fragments, counter)  # (torchft 0.2.0's fragments: no public accessor)
+                # (torchft 0.2.0's fragments: DiLoCo has no public accessor for them)
+                _end_sync(diloco._fragments, counter, cfg.swarm_quorum_timeout)
     finally:
         manager.shutdown(wait=False)
 
@@ -184,7 +186,7 @@ def _fragments(model: nn.Module, count: int) -> list[nn.Module]:
     return fragments
 
 
-def _end_sync(fragments: list, log: _SyncLog) -> None:
+def _end_sync(fragments: list, log: _SyncLog, quorum_timeout: float) -> None:
     """After the loop's last step, so that the final model is the global one on every volunteer: one more outer step
     (quorum, compressed all-reduce of the pseudo-gradients, outer SGD) for each fragment that trained on since its
     own sync, in DiLoCo's order (the manager's step modulo their number). That is all of them, unless the last step
@@ -200,7 +202,7 @@ def _end_sync(fragments: list, log: _SyncLog) -> None:
         try:
             log.manager.start_quorum()
         except (TimeoutError, RuntimeError) as e:  # (the others gone, the lighthouse gone)
-            committed, failure = False, f"found no quorum ({e})"
+            committed, failure = False, f"found no quorum within train.swarm_quorum_timeout={quorum_timeout:g}s ({e})"
         else:
             fragment = fragments[log.manager.current_step() % len(fragments)]  # (after any healing, as DiLoCo)
             fragment.prepare_sync()
@@ -209,8 +211,9 @@ def _end_sync(fragments: list, log: _SyncLog) -> None:
         if not committed:
             for fragment in fragments:
                 fragment.restore_parameters()
-            log.metrics.note(f"[yellow]an end sync {failure}: every fragment is back at its global weights of its last "
-                             "applied sync (the same on every volunteer; the inner steps since are dropped)[/]")
+            log.metrics.log({"step": log.step, "swarm_end": True, "swarm_end_failed": failure},
+                            f"[yellow]step {log.step}: an end sync {failure}: every fragment is back at its global "
+                            "weights of its own last applied sync (the inner steps since are dropped)[/]")
             return
 
 
