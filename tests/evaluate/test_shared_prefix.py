@@ -140,3 +140,12 @@ def test_choices_that_merge_with_the_context_end_few_shot_with_two_and_five_choi
             assert scored["loglikelihoods"] == pytest.approx([ll for ll, _ in alone(model, pairs)], abs=1e-4)
     assert merged > 0  # the case this test is for happened
     assert result.truncated > 0  # and few-shot prompts longer than the model's context lost their beginning
+
+
+def test_the_thread_count_is_put_back():
+    torch.set_num_threads(2)
+    try:
+        loglikelihoods(random_model(300), random_pairs(300, seed=5), batch_size=2)
+        assert torch.get_num_threads() == 2  # whatever the governor chose while scoring
+    finally:
+        torch.set_num_threads(1)
