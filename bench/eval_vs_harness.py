@@ -18,11 +18,12 @@ Timed: ours, `score_tasks` on the loaded task (encoding, batching, forwards, sco
 on the already-built HFLM (reading the written task files, building requests, encoding, forwards, metrics; the
 TaskManager that indexes the task folder is made before the clock starts). Model loading is outside both. Same
 batch size (ours counts rows of a forward pass, each holding a context with all its choices; theirs, one
-(context, choice) pair), same torch thread count. One untimed warm-up of each side, then `--rounds` rounds,
-each task timed on both sides back to back; items per second is the median round's, and each round's own ratio
-is printed with the load average at its start (the machine is shared: rounds at a lower load are the cleaner
-ones). The accuracies and every item's picks are compared (log-likelihoods to 1e-4 nats in fp32; bf16 rounds
-differently in two implementations, so there only the count of differing picks is reported).
+(context, choice) pair), the same torch thread count to start with (ours then follows the CPUs other processes
+leave free, looked at between forward passes, as `commonlm eval` does). One untimed warm-up of each side, then
+`--rounds` rounds, each task timed on both sides back to back; items per second is the median round's, and each
+round's own ratio is printed with the load average at its start (the machine is shared: rounds at a lower load
+are the cleaner ones). The accuracies and every item's picks are compared (log-likelihoods to 1e-4 nats in fp32;
+bf16 rounds differently in two implementations, so there only the count of differing picks is reported).
 """
 
 from __future__ import annotations
