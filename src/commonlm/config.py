@@ -281,7 +281,7 @@ class TrainConfig:
     grpo_kl_beta: float = 0.0  # weight of the KL term to the reference (0: none, no reference model)
     # -- swarm (scale/swarm.py): this run is one volunteer of a decentralized DiLoCo run over torchft
     swarm: str = ""  # the lighthouse's HOST:PORT (`commonlm swarm lighthouse`); "": an ordinary run
-    swarm_sync_every: int = 100  # H: inner steps between outer syncs (make max_steps a multiple of it)
+    swarm_sync_every: int = 100  # H: inner steps between outer syncs
     swarm_outer_lr: float = 0.7  # outer SGD on the averaged pseudo-gradients (the DiLoCo paper's values)
     swarm_outer_momentum: float = 0.9  # Nesterov; 0: plain averaging steps
     # what a pseudo-gradient is sent as (scale/compress.py): fp32 (none); bf16 (half the bytes), int8 (a quarter) or
