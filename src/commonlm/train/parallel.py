@@ -112,6 +112,25 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextmanager
+def accumulating(model: nn.Module) -> Iterator[None]:
+    """A micro-batch's backward that is not the step's last: gradients are summed before they are shared. DDP
+    all-reduces only after the last micro-batch. FSDP2 still reduce-scatters after each one (a rank then keeps
+    only its shard of the gradients, the memory FSDP is for); under hsdp only the all-reduce across the
+    replicas waits for the last one."""
+    if isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_sharded(model) and next(model.parameters()).device_mesh.ndim == 2:
+        model.set_requires_all_reduce(False)
+        try:
+            yield
+        finally:
+            model.set_requires_all_reduce(True)
+    else:
+        yield
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside whatever `parallelize` wrapped it in (a sharded model is its own)."""
     return model.module if isinstance(model, DistributedDataParallel) else model

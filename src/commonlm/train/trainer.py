@@ -41,7 +41,15 @@ from commonlm.train import checkpoint as ckpt
 from commonlm.train.metrics import Metrics, environment, peak_flops, plot_losses, rated_peak_flops
 from commonlm.train.objective import NextToken, Objective
 from commonlm.train.optim import lr_at, make_optimizer
-from commonlm.train.parallel import build_model, clip_grad_norm, full_state_dict, gathered, init_weights, parallelize
+from commonlm.train.parallel import (
+    accumulating,
+    build_model,
+    clip_grad_norm,
+    full_state_dict,
+    gathered,
+    init_weights,
+    parallelize,
+)
 from commonlm.utils import atomic_write_json, console, human
 from commonlm.world import World, all_reduce_sum, barrier, close_world, init_world
 
@@ -303,9 +311,7 @@ def _train(config, out, resume, init, stop_at_step, device, world, make_objectiv
             extra: dict[str, torch.Tensor] = {}
             for micro, batch in enumerate(micro_batches):
                 last = micro == accum - 1
-                # DDP: all-reduce gradients only after the last micro-batch
-                ctx = model.no_sync() if world.distributed and not last and hasattr(model, "no_sync") else nullcontext()
-                with ctx:
+                with nullcontext() if last or not world.distributed else accumulating(model):
                     total, parts = objective.loss(model, batch)
                     # DDP averages the gradients of the ranks; the step wants their sum over all targets
                     (total / targets if world.size == 1 else total * world.size / targets).backward()
