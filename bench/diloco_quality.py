@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/diloco_quality.py                  # nanogpt-cpu, 600 steps, H = 50 and 100, fp32 and bf16
     .venv/bin/python bench/diloco_quality.py --steps 400 --sync-every 100 --compress none
+    .venv/bin/python bench/diloco_quality.py --sync-every 100 --compress none --no-single \
+        --variant --variant swarm_outer_lr=1.0 --variant swarm_outer_momentum=0.8 --variant swarm_fragments=2
 
 The question DiLoCo has to answer: for the same tokens of training, how much worse is a model whose two halves
 trained apart and met only every H steps than one trained with every step's gradients shared? Same model and
@@ -23,7 +25,12 @@ Every process runs one thread (two OpenMP threads in one process on a busy 2-cor
 
 Evaluation is the same for every run: `commonlm eval RUN/final --data DATA`, the mean next-byte cross-entropy over
 the whole validation split. Each DiLoCo volunteer's final model is evaluated (they should agree to the last digit:
-the table says whether they did). The ratio is against DDP's loss in the same run (the goal: within 3%). Every
+the table says whether they did). The ratio is against DDP's loss in the same run (the goal: within 3%).
+
+Tuning DiLoCo: each `--variant` is one DiLoCo setting (train.* overrides for the volunteers only, e.g.
+`swarm_outer_lr=1.0 swarm_outer_momentum=0.8`; an empty `--variant` is the preset's and the config's defaults),
+run for every H and compression after one DDP baseline, so every setting is compared with a DDP run of the same
+invocation. `--set` changes every run, DDP's included (an inner schedule tried on both sides). Every
 process runs in a subprocess with a time limit (--limit); the machine may be shared, so wall times are only
 what this run took.
 """
@@ -118,6 +125,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=12, help="sequences per micro-batch of a volunteer or rank")
     parser.add_argument("--sync-every", type=int, nargs="+", default=[50, 100])
     parser.add_argument("--compress", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
+    parser.add_argument("--variant", nargs="*", action="append", metavar="KEY=VALUE",
+                        help="one DiLoCo setting: train.* overrides for the volunteers (repeat; empty: the defaults)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="train.* overrides for every run (DDP, one process, DiLoCo)")
+    parser.add_argument("--no-single", action="store_true", help="skip the one-process run (it equals DDP)")
     parser.add_argument("--limit", type=float, default=900, help="seconds each training run may take")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temporary dir)")
     args = parser.parse_args()
@@ -126,14 +138,17 @@ def main() -> None:
     torch.set_num_threads(1)  # (as every process below runs: the header's thread count says so)
     if any(args.steps % h for h in args.sync_every):
         raise SystemExit(f"diloco_quality: --steps {args.steps} must be a multiple of every --sync-every")
+    shared = [setting if setting.startswith("train.") else f"train.{setting}" for setting in args.set]
+    variants = [[setting if setting.startswith("train.") else f"train.{setting}" for setting in variant]
+                for variant in (args.variant or [[]])]
 
     with tempfile.TemporaryDirectory(prefix="diloco_quality-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         data = prepare(args.data, work)  # work/tok, work/data: nanoGPT's split
         own = halves(args.data, work)
-        print(f"# diloco_quality · {args.preset} · {args.steps} steps · {machine()} · load {load_average()}",
-              flush=True)
+        print(f"# diloco_quality · {args.preset} · {args.steps} steps{''.join(' · ' + s for s in shared)} · "
+              f"{machine()} · load {load_average()}", flush=True)
         rows = []
 
         def report(name: str, runs: list[Path], wall: float, syncs: str) -> None:
@@ -145,23 +160,28 @@ def main() -> None:
         port = free_port()
         ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "commonlm",
-               *train_args(args, data, work / "ddp", args.batch, 1, [])]
+               *train_args(args, data, work / "ddp", args.batch, 1, [], *shared)]
         report("DDP, 2 processes (baseline)", [work / "ddp"], run_all([ddp], work, "ddp", args.limit), "every step")
-        single = COMMONLM + train_args(args, data, work / "single", 2 * args.batch, 1, [])
-        report("one process", [work / "single"], run_all([single], work, "single", args.limit), "-")
+        if not args.no_single:
+            single = COMMONLM + train_args(args, data, work / "single", 2 * args.batch, 1, [], *shared)
+            report("one process", [work / "single"], run_all([single], work, "single", args.limit), "-")
         for sync_every in args.sync_every:
             for compress in args.compress:
-                name = f"diloco-h{sync_every}-{compress}"
-                port = free_port()
-                lighthouse = COMMONLM + ["swarm", "lighthouse", "--bind", f"127.0.0.1:{port}", "--min-replicas", "2"]
-                volunteers = [COMMONLM + train_args(args, own[i], work / f"{name}-{i}", args.batch, 1,
-                                                    ["--swarm", f"127.0.0.1:{port}"],
-                                                    f"train.swarm_sync_every={sync_every}",
-                                                    f"train.swarm_compress={compress}") for i in range(2)]
-                wall = run_all(volunteers, work, name, args.limit, background=lighthouse)
-                label = {"none": "fp32", "bf16": "bf16"}[compress]
-                report(f"DiLoCo H={sync_every}, {label} pseudo-gradients", [work / f"{name}-{i}" for i in range(2)],
-                       wall, f"every {sync_every} steps")
+                for number, variant in enumerate(variants):
+                    name = f"diloco-h{sync_every}-{compress}-v{number}"
+                    port = free_port()
+                    lighthouse = COMMONLM + ["swarm", "lighthouse", "--bind", f"127.0.0.1:{port}",
+                                             "--min-replicas", "2"]
+                    volunteers = [COMMONLM + train_args(args, own[i], work / f"{name}-{i}", args.batch, 1,
+                                                        ["--swarm", f"127.0.0.1:{port}"], *shared,
+                                                        f"train.swarm_sync_every={sync_every}",
+                                                        f"train.swarm_compress={compress}", *variant)
+                                  for i in range(2)]
+                    wall = run_all(volunteers, work, name, args.limit, background=lighthouse)
+                    label = {"none": "fp32", "bf16": "bf16"}[compress]
+                    tuned = "".join(f", {setting.removeprefix('train.')}" for setting in variant)
+                    report(f"DiLoCo H={sync_every}, {label} pseudo-gradients{tuned}",
+                           [work / f"{name}-{i}" for i in range(2)], wall, f"every {sync_every} steps")
 
     from commonlm.config import load_config
 
@@ -175,7 +195,8 @@ def main() -> None:
         table.append([name, syncs, f"{losses[0]:.4f}{agree}", f"{losses[0] / baseline:.3f}",
                       f"{100 * (losses[0] / baseline - 1):+.1f}%", f"{wall:.0f}"])
     print(f"\n{args.preset}, {args.steps} steps x {2 * args.batch} sequences x {context} tokens = {tokens:,} "
-          f"tokens per run, fp32; validation: tinyshakespeare's last 10%, whole; {machine()}; "
+          f"tokens per run, fp32{''.join(', ' + s for s in shared)}; validation: tinyshakespeare's last 10%, whole; "
+          f"{machine()}; "
           f"load average {load_average()}\n")
     print(markdown_table(["setting", "gradients shared", "val loss", "ratio to DDP", "vs DDP", "wall s"], table))
 
