@@ -16,10 +16,10 @@ FAMILIES = {
                          vocab_size=320, max_seq_len=48),
     "gpt2": ModelConfig(family="gpt2", pos_emb="learned", norm="layernorm", mlp="gelu_tanh", bias=True, n_layer=2,
                         n_head=4, d_model=64, vocab_size=320, max_seq_len=48),
-    "deepseek_v3": ModelConfig(family="deepseek_v3", n_layer=2, n_head=4, d_model=64, vocab_size=320, max_seq_len=48,
-                               tie_embeddings=False, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
-                               qk_rope_head_dim=8, v_head_dim=12),
 }
+LATENT = ModelConfig(family="deepseek_v3", n_layer=2, n_head=4, d_model=64, vocab_size=320, max_seq_len=48,
+                     tie_embeddings=False, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                     v_head_dim=12)  # (ONNX only: GGUF has no latent-attention layout here)
 
 
 def _bpe():
@@ -29,7 +29,7 @@ def _bpe():
 
 def _model(kind):
     torch.manual_seed(0)
-    model = Decoder(FAMILIES[kind]).eval()
+    model = Decoder(LATENT if kind == "deepseek_v3" else FAMILIES[kind]).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

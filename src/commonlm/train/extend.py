@@ -45,6 +45,8 @@ def continued_config(init: ModelConfig, asked: ModelConfig, where: str | Path) -
     settings, as Python callers of `train(..., init=)` pass) asks for nothing."""
     if asked == ModelConfig():
         return init
+    if not asked.vocab_size:  # (0: the tokenizer's size, and the trainer checked that init's tokenizer is the data's)
+        asked = replace(asked, vocab_size=init.vocab_size)
     changed = [f.name for f in fields(ModelConfig) if getattr(asked, f.name) != getattr(init, f.name)]
     for name in changed:
         learned_table = name == "max_seq_len" and init.pos_emb == "learned"
