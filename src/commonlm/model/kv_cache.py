@@ -178,7 +178,29 @@ class StaticKVCache:
         self.pos.zero_()
 
 
-class PackedRows:
+class _Layout:
+    """What PackedRows and SharedPrefix answer alike: positions and a mask made once for the whole batch, nothing
+    stored (the keys and values of the forward pass are all there are)."""
+
+    _positions: torch.Tensor
+    mask: torch.Tensor
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self._positions[:, :T]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        return k, v, self.mask
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+def _run_start(starts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """For each place, the index where its run begins (`starts` marks the first place of each run)."""
+    return torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+
+
+class PackedRows(_Layout):
     """Not a cache: several sequences packed side by side in each row of a training batch. It answers the same
     three questions, so the decoder needs nothing else for packing: positions restart at every sequence, and
     each query sees the earlier keys of its own sequence only (a block-diagonal causal mask). Nothing is stored.
@@ -191,23 +213,13 @@ class PackedRows:
         starts = torch.ones_like(segments, dtype=torch.bool)
         starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
         index = torch.arange(T, device=segments.device).expand(B, T)
-        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # each one's first place
-        self._positions = index - first
+        self._positions = index - _run_start(starts, index)
         self.segments = segments
         causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
         self.mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal  # [B, 1, T, T]
 
-    def positions(self, T: int) -> torch.Tensor:
-        return self._positions[:, :T]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return k, v, self.mask
-
-    def advance(self, n: int) -> None:
-        pass
-
-
-class SharedPrefix:
+class SharedPrefix(_Layout):
     """Not a cache: scoring's rows (evaluate/scoring.py), where the continuations of one context share a single copy
     of it. An item is its prefix (the context) followed by each continuation's tokens in a run of their own; a row
     holds one item or several side by side. Every continuation's positions run on from the prefix's end, and its
@@ -227,8 +239,7 @@ class SharedPrefix:
         item_starts[:, 1:] = items[:, 1:] != items[:, :-1]
         run_starts = item_starts.clone()
         run_starts[:, 1:] |= branches[:, 1:] != branches[:, :-1]
-        item_start = torch.where(item_starts, index, 0).cummax(dim=1).values
-        run_start = torch.where(run_starts, index, 0).cummax(dim=1).values
+        item_start, run_start = _run_start(item_starts, index), _run_start(run_starts, index)
         in_prefix = (branches == 0).long()
         before = in_prefix.cumsum(dim=1) - in_prefix  # prefix tokens before each place, over the whole row
         prefix_len = in_prefix.cumsum(dim=1) - before.gather(1, item_start)  # at a continuation: its item's prefix
@@ -239,12 +250,3 @@ class SharedPrefix:
         causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
         itself = torch.eye(T, dtype=torch.bool, device=items.device)
         self.mask = ((same_item & seen & causal) | itself)[:, None]  # [B, 1, T, T]
-
-    def positions(self, T: int) -> torch.Tensor:
-        return self._positions[:, :T]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return k, v, self.mask
-
-    def advance(self, n: int) -> None:
-        pass
