@@ -169,23 +169,31 @@ class MoE(nn.Module):
             self.balance_load.copy_(load)
         aux = {}
         if self.aux_weight > 0 and self.training:
-            probs = scores / scores.sum(-1, keepdim=True)  # (sigmoid scores made a distribution per token)
+            probs = _distribution(scores)
             aux["router_aux_loss"] = self.aux_weight * self.n_experts * (load * probs.mean(0)).sum()
         return y.reshape(shape), aux
 
     @torch.no_grad()
     def _observe(self, load: torch.Tensor, scores: torch.Tensor) -> None:
-        """Keep the router's statistics of this forward pass."""
-        probs = scores / scores.sum(-1, keepdim=True)
-        entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
-        self.stats = {"load": load, "entropy": entropy, "dropped": torch.zeros((), device=load.device),
-                      "tokens": scores.shape[0]}  # (an int: the token copies are tokens * top_k)
+        """Keep what `router_metrics` reads of this forward pass (computed there, at log steps only)."""
+        self.stats = {"load": load, "scores": scores.detach(), "dropped": torch.zeros((), device=load.device)}
 
     @torch.no_grad()
     def _balance(self) -> None:
         """Move the bias a step toward the experts the last training forward under-loaded (none before the first)."""
         seen = (self.balance_load.sum() > 0).float()  # (a tensor, not a host sync)
         self.balance_bias += seen * self.balance_rate * torch.sign(1 / self.n_experts - self.balance_load)
+
+
+def _distribution(scores: torch.Tensor) -> torch.Tensor:
+    """Each token's router scores made a distribution over the experts (softmax scores already are; sigmoid ones
+    are normalised)."""
+    return scores / scores.sum(-1, keepdim=True)
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of each one's entropy (nats)."""
+    return -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
 
 
 def router_metrics(model: nn.Module) -> dict[str, float]:
@@ -205,9 +213,9 @@ def router_metrics(model: nn.Module) -> dict[str, float]:
     if not layers:
         return {}
     balance = torch.stack([m.stats["load"].max() * m.n_experts for m in layers])
-    entropy = torch.stack([m.stats["entropy"] / math.log(m.n_experts) if m.n_experts > 1 else
-                           torch.zeros_like(m.stats["entropy"]) for m in layers])
-    copies = [m.stats["tokens"] * m.top_k for m in layers]
+    entropy = torch.stack([_entropy(_distribution(m.stats["scores"])) / math.log(m.n_experts) if m.n_experts > 1
+                           else torch.zeros((), device=m.stats["load"].device) for m in layers])
+    copies = [m.stats["scores"].shape[0] * m.top_k for m in layers]
     over = torch.stack([(m.stats["load"] - 1 / m.n_experts).clamp_min(0).sum() * n for m, n in zip(layers, copies)])
     spread = [m.balance_bias.max() - m.balance_bias.min() for m in layers if hasattr(m, "balance_bias")]
     values = torch.cat([balance, entropy, over, torch.stack(spread) if spread else over.new_zeros(0)])
