@@ -618,9 +618,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
+        from rich.text import Text
+
         from commonlm.utils import console
 
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        # (a Text: the message holds the user's own words, where rich would read [tags] and :emoji: codes)
+        console.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -194,6 +194,11 @@ def test_generate_refuses_bad_sampling_values(cli, tiny_model, flags, needle):
     assert_one_line_error(cli("generate", tiny_model, *flags), needle)
 
 
+def test_an_error_shows_the_users_words_as_written(cli, tiny_model):
+    """The message is not read as rich markup: `:abc:` is not an emoji code, `[bold]` not a style."""
+    assert_one_line_error(cli("eval", tiny_model, "--task", "passkey:abc:[bold]"), "--task passkey:abc:[bold]:")
+
+
 def test_the_python_api_refuses_the_same_sampling_values(tiny_model):
     from commonlm.api import load
     from commonlm.errors import UserError

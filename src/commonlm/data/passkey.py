@@ -112,7 +112,8 @@ def passkey_task(name: str, items: int = 110, seed: int = 1234):
 
     _, _, text = name.partition(":")
     if not text.isdigit() or int(text) < 1:
-        raise UserError(f"--task {name}: expected passkey:LEN with LEN the prompt length in tokens, e.g. passkey:1024")
+        raise UserError(f"--task {name}: expected passkey:LEN with LEN the longest prompt, in tokens (a positive "
+                        "integer), e.g. passkey:1024")
     length = int(text)
     docs = passkeys(items, length, seed, room=ANSWER_ROOM)
     made = [Item(where=f"{name}:{i} (depth {d.depth:.2f})", context=d.prompt, targets=[d.key])
