@@ -1,5 +1,7 @@
 """CPU threads follow what other processes leave free; the measured matmul peak is remembered."""
 
+import json
+
 import pytest
 import torch
 
@@ -90,3 +92,27 @@ def test_peak_flops_is_measured_once_per_device_dtype_and_threads(monkeypatch, t
     # asked for more threads than torch runs now: scaled in proportion, and not written down
     assert metrics.peak_flops(cpu, torch.float32, threads=2 * threads) == 2e12
     assert metrics.peak_flops(cpu, torch.float32, threads=2 * threads) == 2e12 and len(calls) == 6
+
+
+def test_a_peak_below_the_fewer_thread_one_is_neither_trusted_nor_kept(monkeypatch, tmp_path):
+    """A 2-thread figure measured while another job held a core (67 GFLOP/s against 107 with 1 thread) made MFU
+    read 130%: such a figure is measured again and, if still low, replaced by the 1-thread one scaled up."""
+    measured = []
+    monkeypatch.setattr(metrics, "measure_peak_flops", lambda device, dtype: measured.pop(0))
+    monkeypatch.setenv("COMMONLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(metrics, "_device_name", lambda device: "CPU X")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu, version = torch.device("cpu"), torch.__version__
+    one, two = f"CPU X | float32 | 1 threads | torch {version}", f"CPU X | float32 | 2 threads | torch {version}"
+    (tmp_path / "peak_flops.json").write_text(json.dumps({one: 100e9, two: 60e9}))
+    measured[:] = [70e9]  # busy again: still below the 1-thread figure, which stands in scaled up
+    assert metrics.peak_flops(cpu, torch.float32) == 200e9
+    assert json.loads((tmp_path / "peak_flops.json").read_text())[two] == 60e9  # not written over with 70
+    measured[:] = [190e9]  # quiet: the measurement stands and is kept
+    assert metrics.peak_flops(cpu, torch.float32) == 190e9
+    assert json.loads((tmp_path / "peak_flops.json").read_text())[two] == 190e9
+    assert metrics.peak_flops(cpu, torch.float32) == 190e9 and measured == []  # read back
+    # another dtype's or torch's figures are no floor
+    other = f"CPU X | bfloat16 | 1 threads | torch {version}"
+    (tmp_path / "peak_flops.json").write_text(json.dumps({other: 900e9, two: 60e9}))
+    assert metrics.peak_flops(cpu, torch.float32) == 60e9

@@ -135,17 +135,42 @@ def peak_flops(device: torch.device, dtype: torch.dtype, threads: int = 0, remem
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if isinstance(known.get(key), (int, float)) and known[key] > 0:
+    # more threads never multiply slower than fewer: a figure below a fewer-thread one was taken while another job
+    # held a core (MFU then read 130%), so it is neither trusted from the file nor written to it; the fewer-thread
+    # figure scaled up in proportion stands in for it
+    fewer, fewer_peak = _fewer_threads_peak(known, key, threads) if device.type == "cpu" else (0, 0.0)
+    if isinstance(known.get(key), (int, float)) and known[key] > 0 and known[key] >= fewer_peak:
         return float(known[key])
     peak = measure_peak_flops(device, dtype)
     if threads != current:
-        return peak * threads / current
+        peak = peak * threads / current
+    if peak < fewer_peak:
+        return fewer_peak * threads / fewer
+    if threads != current:
+        return peak
     if remember:
         try:
             atomic_write_json(path, {**known, key: peak})
         except OSError:  # a read-only home: measure again next time
             pass
     return peak
+
+
+def _fewer_threads_peak(known: dict, key: str, threads: int) -> tuple[int, float]:
+    """The remembered peak of the most threads below `threads` for the same CPU, dtype and torch as `key`, and
+    that thread count; (0, 0.0) if none."""
+    parts = key.split(" | ")
+    best = (0, 0.0)
+    for other, value in known.items():
+        fields = other.split(" | ")
+        if len(fields) != len(parts) or not isinstance(value, (int, float)) or value <= 0:
+            continue
+        if fields[:2] != parts[:2] or fields[3:] != parts[3:] or not fields[2].endswith(" threads"):
+            continue
+        n = int(fields[2].split()[0])
+        if best[0] < n < threads:
+            best = (n, float(value))
+    return best
 
 
 def environment(threads: int | None = None) -> dict[str, str]:
