@@ -160,11 +160,12 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         load = counts.float() / flat.numel()  # the fraction of token copies each expert ran
-        if self.training and dist.is_initialized():  # the bias follows the load of all ranks, so they agree
+        ranks = dist.get_world_size() if self.training and dist.is_initialized() else 1
+        if ranks > 1:  # the bias follows the load of all ranks, so they agree
             load = load.clone()
             dist.all_reduce(load)
-            load /= dist.get_world_size()
-        self._observe(load, scores)
+            load /= ranks
+        self._observe(load, scores, ranks)
         if balancing:
             self.balance_load.copy_(load)
         aux = {}
@@ -174,9 +175,11 @@ class MoE(nn.Module):
         return y.reshape(shape), aux
 
     @torch.no_grad()
-    def _observe(self, load: torch.Tensor, scores: torch.Tensor) -> None:
-        """Keep what `router_metrics` reads of this forward pass (computed there, at log steps only)."""
-        self.stats = {"load": load, "scores": scores.detach(), "dropped": torch.zeros((), device=load.device)}
+    def _observe(self, load: torch.Tensor, scores: torch.Tensor, ranks: int) -> None:
+        """Keep what `router_metrics` reads of this forward pass (computed there, at log steps only); `ranks`: the
+        processes whose tokens `load` counts (their scores are each rank's own)."""
+        self.stats = {"load": load, "scores": scores.detach(), "dropped": torch.zeros((), device=load.device),
+                      "ranks": ranks}
 
     @torch.no_grad()
     def _balance(self) -> None:
@@ -208,20 +211,28 @@ def router_metrics(model: nn.Module) -> dict[str, float]:
       copies) would have dropped, summed over layers, and `moe_over_capacity_frac` that over all copies. The
       dispatch is dropless, so nothing was dropped: this says how far from an even split the routing was;
     - `moe_bias_spread`: the largest max - min of a layer's balancing bias (where it has one).
-    Empty for a model without MoE layers or before its first forward pass. Under DDP the load is all ranks'."""
+    Empty for a model without MoE layers or before its first forward pass. After a training forward under DDP or
+    FSDP every metric is all ranks' (entropy and copies are summed over them here: a collective, so every rank calls
+    this at the same steps, as the trainer's log steps are)."""
     layers = [m for m in model.modules() if isinstance(m, MoE) and m.stats]
     if not layers:
         return {}
     balance = torch.stack([m.stats["load"].max() * m.n_experts for m in layers])
     entropy = torch.stack([_entropy(_distribution(m.stats["scores"])) / math.log(m.n_experts) if m.n_experts > 1
                            else torch.zeros((), device=m.stats["load"].device) for m in layers])
-    copies = [m.stats["scores"].shape[0] * m.top_k for m in layers]
-    over = torch.stack([(m.stats["load"] - 1 / m.n_experts).clamp_min(0).sum() * n for m, n in zip(layers, copies)])
+    tokens = torch.tensor([float(m.stats["scores"].shape[0]) for m in layers], device=entropy.device)
+    if layers[0].stats["ranks"] > 1:  # all ranks' tokens: sums of entropy and of tokens, then the mean
+        sums = torch.cat([entropy * tokens, tokens])
+        dist.all_reduce(sums)
+        entropy, tokens = sums[:len(layers)] / sums[len(layers):], sums[len(layers):]
+    copies = tokens * torch.tensor([float(m.top_k) for m in layers], device=tokens.device)
+    over = torch.stack([(m.stats["load"] - 1 / m.n_experts).clamp_min(0).sum() for m in layers]) * copies
     spread = [m.balance_bias.max() - m.balance_bias.min() for m in layers if hasattr(m, "balance_bias")]
-    values = torch.cat([balance, entropy, over, torch.stack(spread) if spread else over.new_zeros(0)])
+    values = torch.cat([balance, entropy, over, copies, torch.stack(spread) if spread else over.new_zeros(0)])
     values = values.float().tolist()  # (the one sync)
     n = len(layers)
-    balance, entropy, over, spread = values[:n], values[n:2 * n], values[2 * n:3 * n], values[3 * n:]
+    balance, entropy, over, copies, spread = (values[:n], values[n:2 * n], values[2 * n:3 * n], values[3 * n:4 * n],
+                                              values[4 * n:])
     metrics = {"moe_balance": sum(balance) / n, "moe_balance_max": max(balance),
                "moe_router_entropy": sum(entropy) / n, "moe_over_capacity": round(sum(over)),
                "moe_over_capacity_frac": sum(over) / sum(copies)}
