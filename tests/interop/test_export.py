@@ -118,8 +118,8 @@ def test_gguf_refuses_a_native_architecture(tmp_path):
     # settings a transformers directory holds but this GGUF writer does not: llama.cpp would run them wrong
     for setting, match in [({"rope_scaling": "linear", "rope_factor": 2.0}, "rope_scaling"),
                            ({"sliding_window": 16}, "sliding_window"),
-                           ({"family": "qwen3_moe", "qk_norm": True, "n_experts": 4, "experts_per_token": 2},
-                            "qwen3_moe")]:
+                           ({"family": "qwen3_moe", "qk_norm": True, "n_experts": 4, "experts_per_token": 2,
+                             "router_norm_topk": False}, "router_norm_topk")]:
         config = ModelConfig(**{"family": "llama", "n_layer": 1, "n_head": 2, "d_model": 32, "vocab_size": 320,
                                 **setting})
         with pytest.raises(UserError, match=match):
