@@ -17,6 +17,7 @@ the decode speed llama.cpp reaches on the file.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -34,8 +35,13 @@ def llamacpp_worker(path: str, job: str) -> None:
     from llama_cpp import Llama
 
     spec = json.loads(job)
-    llm = Llama(path, n_ctx=spec["n_ctx"], n_threads=2, n_batch=256, verbose=False)
-    out = {"sample": llm.tokenize(SAMPLE.encode(), add_bos=False, special=False), "continuations": [], "seconds": 0.0}
+    llm = Llama(path, n_ctx=spec["n_ctx"], n_threads=2, n_batch=256, logits_all=True, verbose=False)
+    out = {"sample": llm.tokenize(SAMPLE.encode(), add_bos=False, special=False), "continuations": [], "seconds": 0.0,
+           "logits": []}
+    for ids in spec["sequences"]:  # teacher-forced: the logits at every position of a given sequence
+        llm.reset()
+        llm.eval(ids)
+        out["logits"].append(llm.scores[: len(ids)].tolist())
     for prompt_ids, n in spec["prompts"]:
         llm.reset()
         got = []
@@ -54,8 +60,10 @@ if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker": 
     sys.exit(0)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table  # noqa: E402, I001  (first: it sets the environment torch reads)
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import machine, markdown_table  # noqa: E402
 
 from commonlm.api import load  # noqa: E402
 from commonlm.config import ModelConfig  # noqa: E402
@@ -94,11 +102,60 @@ def random_model(family: str, seed: int = 0) -> tuple[Decoder, Tokenizer]:
     return model, tok
 
 
+def rounded(t: torch.Tensor, quant: str) -> torch.Tensor:
+    """A weight rounded as the file stores it: q8_0 blocks along the last dimension where it is a multiple of 32,
+    f16 otherwise."""
+    data = t.detach().float().numpy()
+    if quant == "q8_0" and data.shape[-1] % 32 == 0:
+        data = gguf.quants.dequantize(gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                                      gguf.GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float16).astype(np.float32)).reshape(t.shape)
+
+
+def as_stored(model: Decoder, quant: str) -> Decoder:
+    """Our model on the numbers an f16 or q8_0 file holds (matrices rounded; norms, biases and routers f32 as
+    written), so llama.cpp's greedy tokens can also be compared with ours on the same weights. Latent attention's
+    kv_b is stored as its key part transposed and its value part, and rounded so."""
+    if quant == "f32":
+        return model
+    c, out = model.config, copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.dim() < 2 or name.endswith(".router.weight"):
+                continue
+            if name.endswith(".attn.kv_b.weight"):
+                k, v = p.unflatten(0, (c.n_head, -1)).split([c.qk_nope_head_dim, c.v_head_dim], dim=1)
+                k = rounded(k.transpose(1, 2), quant).transpose(1, 2)
+                p.copy_(torch.cat([k, rounded(v, quant)], dim=1).flatten(0, 1))
+            else:
+                p.copy_(rounded(p, quant))
+    return out
+
+
+def matching(got: list[list[int]], want: list[list[int]]) -> str:
+    """Tokens before the first difference, summed over the prompts, of all `want` holds."""
+    same = sum(next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+               for g, w in zip(got, want))
+    return f"{same}/{sum(len(w) for w in want)}"
+
+
+def forced(got: list[np.ndarray], want: list[np.ndarray], spread: float) -> str:
+    """Teacher-forced logits against ours: positions with the same top token; the largest |difference| over the
+    standard deviation of our logits."""
+    top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, want))
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
+    return f"{top1}/{sum(len(b) for b in want)}; {worst / spread:.1e}"
+
+
 def compare(label: str, model: Decoder, tok: Tokenizer, quants: list[str], tokens: int, python: str) -> list[list]:
     prompts = [tok.encode(prompt) for prompt in PROMPTS]
     ours = [generate_ids(model, ids, max_tokens=tokens, temperature=0.0) for ids in prompts]
     pairs = [[ids, len(w)] for ids, w in zip(prompts, ours)]
-    job = json.dumps({"n_ctx": model.config.max_seq_len, "prompts": pairs})
+    sequences = [ids + w for ids, w in zip(prompts, ours)]  # (each prompt and our greedy continuation)
+    with torch.no_grad():
+        logits = [model(torch.tensor([seq]))[0][0].numpy() for seq in sequences]
+    spread = float(np.concatenate(logits).std())
+    job = json.dumps({"n_ctx": model.config.max_seq_len, "prompts": pairs, "sequences": sequences})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for quant in quants:
@@ -108,16 +165,21 @@ def compare(label: str, model: Decoder, tok: Tokenizer, quants: list[str], token
                                   timeout=600, env={**os.environ, "PYTHONPATH": ""})
             if proc.returncode != 0:
                 said = (proc.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1][:120]
-                rows.append([label, quant, size, "–", f"llama.cpp exited {proc.returncode}: {said}", "–"])
+                rows.append([label, quant, size, "–", f"llama.cpp exited {proc.returncode}: {said}"] + ["–"] * 4)
                 continue
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             same_tokens = result["sample"] == tok.encode(SAMPLE)
-            matched = total = made = 0
-            for got, want in zip(result["continuations"], ours):
-                prefix = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                matched, total, made = matched + prefix, total + len(want), made + len(got)
-            rows.append([label, quant, size, "yes" if same_tokens else "NO", f"{matched}/{total}",
-                         f"{made / result['seconds']:.0f}"])
+            got = result["continuations"]
+            stored = as_stored(model, quant)  # (ours on the file's numbers, as many tokens as llama.cpp made)
+            ours_stored = [generate_ids(stored, ids, max_tokens=len(g), temperature=0.0)
+                           for ids, g in zip(prompts, got)]
+            theirs = [np.asarray(x, dtype=np.float32) for x in result["logits"]]
+            with torch.no_grad():
+                rounded_logits = [stored(torch.tensor([seq]))[0][0].numpy() for seq in sequences]
+            made = sum(len(g) for g in got)
+            rows.append([label, quant, size, "yes" if same_tokens else "NO", matching(got, ours),
+                         forced(theirs, logits, spread), matching(ours_stored, ours),
+                         forced(rounded_logits, logits, spread), f"{made / result['seconds']:.0f}"])
     return rows
 
 
@@ -140,10 +202,14 @@ def main() -> None:
             lm = load(name, device="cpu")
             model, tok, label = lm.model, lm.tokenizer, f"{lm.path} ({lm.model.num_params() / 1e6:.1f}M)"
         rows += compare(label, model, tok, args.quants, args.tokens, args.llamacpp_python)
-    print(f"greedy, {args.tokens} tokens x {len(PROMPTS)} prompts; 'matching' = tokens before the first difference "
-          "from ours (fp32)\n")
-    print(markdown_table(["model", "GGUF", "MB", "same tokenization", "matching greedy tokens", "llama.cpp tok/s"],
-                         rows))
+    print(f"greedy: {args.tokens} tokens x {len(PROMPTS)} prompts, tokens before the first difference from ours "
+          "(fp32). teacher-forced: each prompt with our greedy continuation, the logits at every position against "
+          "ours: positions with the same top token; the largest |difference| over the standard deviation of ours. "
+          "'ours on the file's weights': our decoder with the weights rounded as the file stores them (f16, q8_0), "
+          "how far the rounding alone moves our own output\n")
+    print(markdown_table(["model", "GGUF", "MB", "same tokenization", "llama.cpp: greedy", "llama.cpp: teacher-forced",
+                          "ours on the file's weights: greedy", "ours on the file's weights: teacher-forced",
+                          "llama.cpp tok/s"], rows))
 
 
 if __name__ == "__main__":
