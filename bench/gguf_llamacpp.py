@@ -35,7 +35,9 @@ def llamacpp_worker(path: str, job: str) -> None:
     from llama_cpp import Llama
 
     spec = json.loads(job)
-    llm = Llama(path, n_ctx=spec["n_ctx"], n_threads=2, n_batch=256, logits_all=True, verbose=False)
+    # (an f32 KV cache: llama.cpp's default f16 one would add its own rounding to the file's)
+    llm = Llama(path, n_ctx=spec["n_ctx"], n_threads=2, n_batch=256, logits_all=True, type_k=0, type_v=0,
+                verbose=False)
     out = {"sample": llm.tokenize(SAMPLE.encode(), add_bos=False, special=False), "continuations": [], "seconds": 0.0,
            "logits": []}
     for ids in spec["sequences"]:  # teacher-forced: the logits at every position of a given sequence

@@ -3,6 +3,10 @@ logits and greedy tokens. DeepSeek-V3 (no GGUF reader in transformers): a Deepse
 own rotary layout, imported and exported, must come out as llama.cpp's converter would write that checkpoint: every
 key from its config, every tensor from its state dict, named and split here by the converter's rules."""
 
+import json
+import os
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +225,41 @@ def test_deepseek_v3_settings_llamacpp_cannot_run_are_refused(tmp_path):
     with pytest.raises(UserError, match="rope_scaling=yarn"):
         export_gguf(Decoder(ModelConfig(**base, **yarn)), _bpe(), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+LLAMACPP_LOGITS = """
+import json, sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=64, n_threads=2, logits_all=True, type_k=0, type_v=0, verbose=False)
+llm.eval(json.loads(sys.argv[2]))
+print(json.dumps(llm.scores[: len(json.loads(sys.argv[2]))].tolist()))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMACPP_PYTHON"), reason="set LLAMACPP_PYTHON to a python with llama_cpp")
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_llamacpp_runs_our_file_with_our_logits(family, tmp_path):
+    """Real llama.cpp (llama-cpp-python, in a python of its own) on our f32 file, with an f32 KV cache: its logits at
+    every position of a sequence equal ours within 1e-4."""
+    from commonlm.interop.gguf_export import export_gguf
+
+    if family == "qwen3_moe":
+        model = _qwen3_moe()
+    else:
+        torch.manual_seed(0)
+        model = _perturbed(Decoder(ModelConfig(
+            family="deepseek_v3", n_layer=3, n_head=4, d_model=64, d_ff=96, vocab_size=320, max_seq_len=64,
+            tie_embeddings=False, norm_eps=1e-6, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+            qk_rope_head_dim=8, v_head_dim=12, n_experts=8, experts_per_token=2, expert_ff_dim=32, n_shared_experts=1,
+            router_score="sigmoid", router_bias=True, router_scale=2.5, expert_groups=4, groups_per_token=2,
+            dense_layers=1)))
+    export_gguf(model, _bpe(), tmp_path / "m.gguf", quant="f32")
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    (tmp_path / "logits.py").write_text(LLAMACPP_LOGITS)
+    command = [os.environ["LLAMACPP_PYTHON"], str(tmp_path / "logits.py"), str(tmp_path / "m.gguf"), json.dumps(ids)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"]})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = np.asarray(json.loads(proc.stdout), dtype=np.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(theirs - ours).max() <= 1e-4
