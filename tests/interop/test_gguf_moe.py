@@ -215,18 +215,6 @@ def test_deepseek_v3_gguf_is_what_llamacpps_converter_writes_for_the_checkpoint(
             assert kind_ == "F32", name
 
 
-def test_deepseek_v3_settings_llamacpp_cannot_run_are_refused(tmp_path):
-    from commonlm.interop.gguf_export import export_gguf
-
-    base = dict(family="deepseek_v3", n_layer=2, n_head=4, d_model=64, vocab_size=320, max_seq_len=64,
-                tie_embeddings=False, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                v_head_dim=12, norm_eps=1e-6)
-    yarn = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_len=16)
-    with pytest.raises(UserError, match="rope_scaling=yarn"):
-        export_gguf(Decoder(ModelConfig(**base, **yarn)), _bpe(), tmp_path / "m.gguf")
-    assert not (tmp_path / "m.gguf").exists()
-
-
 LLAMACPP_LOGITS = """
 import json, sys
 from llama_cpp import Llama
@@ -236,23 +224,45 @@ print(json.dumps(llm.scores[: len(json.loads(sys.argv[2]))].tolist()))
 """
 
 
-@pytest.mark.skipif(not os.environ.get("LLAMACPP_PYTHON"), reason="set LLAMACPP_PYTHON to a python with llama_cpp")
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_llamacpp_runs_our_file_with_our_logits(family, tmp_path):
-    """Real llama.cpp (llama-cpp-python, in a python of its own) on our f32 file, with an f32 KV cache: its logits at
-    every position of a sequence equal ours within 1e-4."""
+# a small DeepSeek-V3 of ours: one dense block, then 8 experts in 4 groups, a shared expert
+DEEPSEEK_OURS = dict(family="deepseek_v3", n_layer=3, n_head=4, d_model=64, d_ff=96, vocab_size=320, max_seq_len=64,
+                     tie_embeddings=False, norm_eps=1e-6, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=12, n_experts=8, experts_per_token=2, expert_ff_dim=32,
+                     n_shared_experts=1, router_score="sigmoid", router_bias=True, router_scale=2.5, expert_groups=4,
+                     groups_per_token=2, dense_layers=1)
+# YaRN as DeepSeek sets it (mscale = mscale_all_dim: cos/sin unscaled, the softmax scale from mscale_all_dim)
+YARN = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_len=16, rope_attention_factor=1.0,
+            rope_mscale_all_dim=0.707)
+
+
+def test_deepseek_v3_yarn_is_written_and_what_llamacpp_would_run_otherwise_is_refused(tmp_path):
     from commonlm.interop.gguf_export import export_gguf
 
-    if family == "qwen3_moe":
-        model = _qwen3_moe()
-    else:
-        torch.manual_seed(0)
-        model = _perturbed(Decoder(ModelConfig(
-            family="deepseek_v3", n_layer=3, n_head=4, d_model=64, d_ff=96, vocab_size=320, max_seq_len=64,
-            tie_embeddings=False, norm_eps=1e-6, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
-            qk_rope_head_dim=8, v_head_dim=12, n_experts=8, experts_per_token=2, expert_ff_dim=32, n_shared_experts=1,
-            router_score="sigmoid", router_bias=True, router_scale=2.5, expert_groups=4, groups_per_token=2,
-            dense_layers=1)))
+    export_gguf(Decoder(ModelConfig(**DEEPSEEK_OURS, **YARN)), _bpe(), tmp_path / "m.gguf", quant="f16")
+    _, fields = _fields(tmp_path / "m.gguf")
+    assert {k: v for k, v in fields.items() if k.startswith("deepseek2.rope.scaling.")} == {
+        "deepseek2.rope.scaling.type": "yarn", "deepseek2.rope.scaling.factor": 4.0,
+        "deepseek2.rope.scaling.original_context_length": 16,
+        "deepseek2.rope.scaling.yarn_log_multiplier": pytest.approx(0.0707)}
+    for settings, match in [(YARN | {"rope_attention_factor": 0.0}, "rope_attention_factor=0.0"),
+                            (YARN | {"rope_mscale_all_dim": 0.0}, "without model.rope_mscale_all_dim"),
+                            (YARN | {"rope_beta_fast": 16.0}, "rope_beta_fast=16.0"),
+                            ({"rope_scaling": "linear", "rope_factor": 2.0}, "rope_scaling=linear")]:
+        with pytest.raises(UserError, match=match):
+            export_gguf(Decoder(ModelConfig(**DEEPSEEK_OURS, **settings)), _bpe(), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMACPP_PYTHON"), reason="set LLAMACPP_PYTHON to a python with llama_cpp")
+@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3", "deepseek_v3 yarn"])
+def test_llamacpp_runs_our_file_with_our_logits(kind, tmp_path):
+    """Real llama.cpp (llama-cpp-python, in a python of its own) on our f32 file, with an f32 KV cache: its logits at
+    every position of a sequence (past YaRN's original context) equal ours within 1e-4."""
+    from commonlm.interop.gguf_export import export_gguf
+
+    torch.manual_seed(0)
+    model = _qwen3_moe() if kind == "qwen3_moe" else _perturbed(Decoder(ModelConfig(
+        **DEEPSEEK_OURS, **(YARN if kind.endswith("yarn") else {}))))
     export_gguf(model, _bpe(), tmp_path / "m.gguf", quant="f32")
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     (tmp_path / "logits.py").write_text(LLAMACPP_LOGITS)
