@@ -38,11 +38,11 @@ def _perturbed(model):
     return model.eval()
 
 
-def _qwen3_moe(tie=False):
+def _qwen3_moe(tie=False, **settings):
     # transformers' GGUF reader takes no expert width from the file (Qwen3MoeConfig's default, 768, stands)
     config = ModelConfig(family="qwen3_moe", qk_norm=True, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_model=32,
                          vocab_size=320, max_seq_len=64, norm_eps=1e-6, tie_embeddings=tie, n_experts=4,
-                         experts_per_token=2, expert_ff_dim=768)
+                         experts_per_token=2, expert_ff_dim=768, **settings)
     torch.manual_seed(0)
     return _perturbed(Decoder(config))
 
@@ -105,6 +105,21 @@ def test_qwen3_moe_gguf_reads_back(quant, tie, tmp_path):
     assert got["blk.1.ffn_gate_inp.weight"][1] == "F32" and got["blk.1.ffn_norm.weight"][1] == "F32"
     if quant == "q8_0":
         assert got["blk.1.ffn_down_exps.weight"][1] == "Q8_0"
+
+
+def test_qwen3_moe_yarn_is_written_as_llamacpp_reads_it(tmp_path):
+    """llama.cpp's cos/sin factor: its own 0.1 ln(factor) + 1 times rope.scaling.attn_factor; it reads no beta keys."""
+    from commonlm.interop.gguf_export import export_gguf
+
+    yarn = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_len=16)
+    export_gguf(_qwen3_moe(**yarn, rope_attention_factor=1.2), _bpe(), tmp_path / "m.gguf", quant="f16")
+    _, fields = _fields(tmp_path / "m.gguf")
+    assert {k: v for k, v in fields.items() if k.startswith("qwen3moe.rope.scaling.")} == {
+        "qwen3moe.rope.scaling.type": "yarn", "qwen3moe.rope.scaling.factor": 4.0,
+        "qwen3moe.rope.scaling.original_context_length": 16,
+        "qwen3moe.rope.scaling.attn_factor": pytest.approx(1.2 / (0.1 * np.log(4.0) + 1))}
+    with pytest.raises(UserError, match="rope_beta_slow=2.0 with yarn"):
+        export_gguf(_qwen3_moe(**yarn, rope_beta_slow=2.0), _bpe(), tmp_path / "x.gguf")
 
 
 # DeepSeek-V3 checkpoints as DeepSeek ships them (rotary pairs interleaved), tiny
@@ -254,15 +269,23 @@ def test_deepseek_v3_yarn_is_written_and_what_llamacpp_would_run_otherwise_is_re
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMACPP_PYTHON"), reason="set LLAMACPP_PYTHON to a python with llama_cpp")
-@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3", "deepseek_v3 yarn"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe yarn", "qwen3_moe yarn x1.2", "llama yarn", "deepseek_v3",
+                                  "deepseek_v3 yarn"])
 def test_llamacpp_runs_our_file_with_our_logits(kind, tmp_path):
     """Real llama.cpp (llama-cpp-python, in a python of its own) on our f32 file, with an f32 KV cache: its logits at
     every position of a sequence (past YaRN's original context) equal ours within 1e-4."""
     from commonlm.interop.gguf_export import export_gguf
 
+    yarn = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_len=16,
+                rope_attention_factor=1.2 if kind.endswith("x1.2") else 0.0) if "yarn" in kind else {}
     torch.manual_seed(0)
-    model = _qwen3_moe() if kind == "qwen3_moe" else _perturbed(Decoder(ModelConfig(
-        **DEEPSEEK_OURS, **(YARN if kind.endswith("yarn") else {}))))
+    if kind.startswith("qwen3_moe"):
+        model = _qwen3_moe(**yarn)
+    elif kind.startswith("llama"):  # (LLAMA rotates interleaved pairs: q/k rows permuted)
+        model = _perturbed(Decoder(ModelConfig(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                                               vocab_size=320, max_seq_len=64, norm_eps=1e-6, **yarn)))
+    else:
+        model = _perturbed(Decoder(ModelConfig(**DEEPSEEK_OURS, **(YARN if yarn else {}))))
     export_gguf(model, _bpe(), tmp_path / "m.gguf", quant="f32")
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     (tmp_path / "logits.py").write_text(LLAMACPP_LOGITS)

@@ -17,13 +17,16 @@ Mixture of experts, as llama.cpp's converter writes them: each layer's experts s
   interleaved pairs (llama.cpp's NORM rope) where we rotate halves, so the rows making each head's rotary query
   and the shared rotary key are re-interleaved: the inverse of what import does to DeepSeek's checkpoints.
   llama.cpp applies rms_norm_eps to the latent norms too (ours and DeepSeek's use 1e-6): equal when
-  model.norm_eps is 1e-6, as DeepSeek's is. YaRN is written for DeepSeek as DeepSeek configures it (`_yarn_mismatch`).
-Other RoPE scaling and sliding windows are refused: llama.cpp would run the file without them, wrong and silent.
+  model.norm_eps is 1e-6, as DeepSeek's is.
+RoPE scaling: YaRN is written where llama.cpp runs it as we do (`_rope_mismatch`; for DeepSeek, as DeepSeek configures
+it); linear, llama3, dynamic NTK and sliding windows are refused: llama.cpp would run the file without them, wrong
+and silent.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,8 +115,7 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
     if reason is None and c.family not in GGUF_ARCH:
         reason = f"family {c.family} is not written to GGUF yet (it does: {', '.join(sorted(GGUF_ARCH))})"
     if reason is None and c.rope_scaling != "none":  # llama.cpp would run it unscaled: wrong output, no error
-        reason = _yarn_mismatch(c) if c.family == "deepseek_v3" and c.rope_scaling == "yarn" else (
-            f"model.rope_scaling={c.rope_scaling} is not written to GGUF yet")
+        reason = _rope_mismatch(c)
     if reason is None and c.sliding_window:
         reason = f"model.sliding_window={c.sliding_window} is not written to GGUF yet"
     if reason is None and c.family == "qwen3_moe" and not c.router_norm_topk:
@@ -126,19 +128,35 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
     return Path(out)
 
 
-def _yarn_mismatch(c) -> str | None:
-    """Why llama.cpp's DEEPSEEK2 would run this YaRN differently from us, or None. It reads no beta keys (32 and 1),
-    always rounds the blend's range, and takes the softmax scale from mscale_all_dim (its yarn_log_multiplier) with
-    the cos/sin left unscaled: DeepSeek's own setting (mscale = mscale_all_dim, so transformers' cos/sin factor is
-    1). Without mscale_all_dim it would scale every query-key product, rotary or not, by the cos/sin factor squared."""
-    for field, value, wanted in [("rope_beta_fast", c.rope_beta_fast, 32.0), ("rope_beta_slow", c.rope_beta_slow, 1.0),
-                                 ("rope_truncate", c.rope_truncate, True),
-                                 ("rope_attention_factor", c.rope_attention_factor, 1.0)]:
+def _rope_mismatch(c) -> str | None:
+    """Why llama.cpp would run this model's RoPE scaling differently from us, or None. YaRN is written (linear, llama3
+    and dynamic NTK are not yet). llama.cpp reads no YaRN beta keys for these architectures (32 and 1) and always
+    rounds the blend's range. DEEPSEEK2 takes the softmax scale from mscale_all_dim (its yarn_log_multiplier) and
+    leaves the cos/sin unscaled: DeepSeek's own setting (mscale = mscale_all_dim, so transformers' cos/sin factor is
+    1); other settings would scale every query-key product differently."""
+    deepseek = c.family == "deepseek_v3"
+    if c.rope_scaling != "yarn" or c.family == "gpt2":
+        return f"model.rope_scaling={c.rope_scaling} is not written to GGUF yet"
+    fixed = [("rope_beta_fast", c.rope_beta_fast, 32.0), ("rope_beta_slow", c.rope_beta_slow, 1.0),
+             ("rope_truncate", c.rope_truncate, True)]
+    for field, value, wanted in fixed + ([("rope_attention_factor", c.rope_attention_factor, 1.0)] if deepseek else []):
         if value != wanted:
-            return f"model.{field}={value} with yarn: llama.cpp's DEEPSEEK2 runs {wanted} only"
-    if not c.rope_mscale_all_dim:
+            return f"model.{field}={value} with yarn: llama.cpp runs {GGUF_ARCH[c.family]} with {wanted} only"
+    if deepseek and not c.rope_mscale_all_dim:
         return "yarn without model.rope_mscale_all_dim: llama.cpp's DEEPSEEK2 would scale the attention differently"
     return None
+
+
+def _add_rope_scaling(writer, gguf, c) -> None:
+    """The RoPE scaling keys `_rope_mismatch` passed, as llama.cpp's converter writes them."""
+    if c.rope_scaling == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(c.rope_factor)
+        writer.add_rope_scaling_orig_ctx_len(c.rope_original_len or c.max_seq_len)
+        if c.family == "deepseek_v3":  # (llama.cpp divides the multiplier by 0.1 again)
+            writer.add_rope_scaling_yarn_log_mul(0.1 * c.rope_mscale_all_dim)
+        elif c.rope_attention_factor:  # llama.cpp's cos/sin factor is 0.1 ln(factor) + 1 times this
+            writer.add_rope_scaling_attn_factors(c.rope_attention_factor / (0.1 * math.log(c.rope_factor) + 1))
 
 
 def _tensors(gguf, arch, c, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -213,6 +231,7 @@ def _write(gguf, tmp: str, arch, c, tensors: Iterator[tuple[str, torch.Tensor]],
         writer.add_key_length(c.dim_head)
         writer.add_value_length(c.dim_head)
         writer.add_rope_dimension_count(c.dim_head)
+    _add_rope_scaling(writer, gguf, c)
     if c.family == "qwen3_moe":
         writer.add_expert_count(c.n_experts)
         writer.add_expert_used_count(c.experts_per_token)
@@ -246,11 +265,6 @@ def _add_deepseek_keys(writer, gguf, c) -> None:
     writer.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
     writer.add_value_length_mla(c.v_head_dim)
     writer.add_rope_dimension_count(c.qk_rope_head_dim)
-    if c.rope_scaling == "yarn":  # (as the converter writes it: llama.cpp divides the multiplier by 0.1 again)
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(c.rope_factor)
-        writer.add_rope_scaling_orig_ctx_len(c.rope_original_len or c.max_seq_len)
-        writer.add_rope_scaling_yarn_log_mul(0.1 * c.rope_mscale_all_dim)
     writer.add_expert_feed_forward_length(c.moe_ff_dim if moe else c.ff_dim)
     writer.add_expert_shared_count(c.n_shared_experts if moe else 0)
     if not moe:
