@@ -9,7 +9,7 @@ Exports each model to GGUF (f32, f16, q8_0) with `commonlm export`'s code, loads
 (llama-cpp-python, run by the python given: llama.cpp may live in a venv of its own, without torch), and compares:
 llama.cpp's tokenization of a sample text with ours, and its greedy continuation of a few prompts with ours (same
 prompt ids, our fp32 decoding). `random:FAMILY` is a small random-weight model of that family (mixture of experts:
-qwen3_moe, deepseek_v3; also llama, qwen3) with a BPE tokenizer trained on the standard library's source; a
+qwen3_moe, deepseek_v3, each also +yarn; llama, qwen3) with a BPE tokenizer trained on the standard library's source; a
 random model's greedy tokens are a parity check as good as a trained one's. Prints a table of matching tokens and
 the decode speed llama.cpp reaches on the file.
 """
@@ -87,6 +87,11 @@ RANDOM = {
                         n_shared_experts=1, router_score="sigmoid", router_bias=True, router_scale=2.5, expert_groups=4,
                         groups_per_token=2, dense_layers=1),
 }
+# YaRN past a short original context (the prompts and continuations run to ~55 positions): Qwen's way (the cos/sin
+# factor from the scale) and DeepSeek's (mscale = mscale_all_dim: the softmax scale instead)
+YARN = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_len=16)
+RANDOM |= {"qwen3_moe+yarn": RANDOM["qwen3_moe"] | YARN,
+           "deepseek_v3+yarn": RANDOM["deepseek_v3"] | YARN | dict(rope_attention_factor=1.0, rope_mscale_all_dim=1.0)}
 
 
 def random_model(family: str, seed: int = 0) -> tuple[Decoder, Tokenizer]:
