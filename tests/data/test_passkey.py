@@ -7,7 +7,16 @@ import re
 
 import pytest
 
-from commonlm.data.passkey import FILLER, KEY_LINE, QUESTION, passkey, passkey_task, passkeys, write_corpus
+from commonlm.data.passkey import (
+    FILLER,
+    KEY_LINE,
+    QUESTION,
+    copy_drill,
+    passkey,
+    passkey_task,
+    passkeys,
+    write_corpus,
+)
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.evaluate.scoring import answer_of, score_tasks
@@ -72,6 +81,32 @@ def test_corpus_for_data_prepare(tmp_path):
     assert all(len(t) <= 256 for t in texts) and min(len(t) for t in texts) < 150 < max(len(t) for t in texts)
     keys = [t.rsplit(" ", 1)[1] for t in texts]
     assert all(f"The pass key is {k}. Remember it." in t for t, k in zip(texts, keys))
+
+
+def test_copy_drills_are_pairs_of_one_random_string_within_the_length():
+    rng = random.Random(3)
+    for length in (30, 100, 256, 1024):
+        text = copy_drill(length, rng)
+        assert len(text) <= length or text.count(" = ") == 1  # one pair at least, even past a tiny length
+        pairs = re.findall(r"([a-z0-9]+) = ([a-z0-9]+)\.", text)
+        assert pairs and all(a == b and 8 <= len(a) <= 24 for a, b in pairs)
+        assert " ".join(f"{a} = {a}." for a, _ in pairs) == text
+        assert len({a for a, _ in pairs}) == len(pairs)  # random: no string comes twice
+
+
+def test_corpus_with_copy_drills(tmp_path):
+    texts = [json.loads(line)["text"] for line in
+             write_corpus(tmp_path / "mix.jsonl", 400, 256, seed=0, copies=0.25).read_text().splitlines()]
+    drills = [t for t in texts if " = " in t]
+    assert len(texts) == 400 and len(drills) == 100 and all(len(t) <= 256 for t in texts)
+    assert all(re.fullmatch(r"([a-z0-9]+ = [a-z0-9]+\. ?)+", t) for t in drills)
+    plain = [json.loads(line)["text"] for line in
+             write_corpus(tmp_path / "plain.jsonl", 400, 256, seed=0).read_text().splitlines()]
+    assert all(t == p for t, p in zip(texts, plain) if " = " not in t)  # the others: as without drills
+    assert texts == [json.loads(line)["text"] for line in  # seeded
+                     write_corpus(tmp_path / "again.jsonl", 400, 256, seed=0, copies=0.25).read_text().splitlines()]
+    with pytest.raises(UserError, match="copies"):
+        write_corpus(tmp_path / "bad.jsonl", 10, 256, copies=1.5)
 
 
 def test_named_task_resolves_and_checks_the_digits():

@@ -15,11 +15,19 @@ depths spread from the start to the end, scored by greedy decoding and an exact 
 Lengths are counted by `count` (a tokenizer's token count); by default in characters. The text is ASCII, so
 characters are bytes: a document of LEN characters is LEN tokens for the byte tokenizer, and no more than LEN
 for a byte-level BPE (each token holds at least one byte), so `passkey:LEN` always fits a context of LEN.
+
+Retrieval is copying from far back (an induction circuit: find the earlier "pass key is", copy what followed), and a
+document of passkey text teaches it through five digits in a few hundred bytes, the rest being filler a small model
+memorises. Small byte-level models trained on that alone stayed at chance on the key's digits (bench/
+context_extension.py). So the corpus can mix in copy drills (`copy_drill`: random strings, each written twice),
+where half of every document can only be predicted by copying: with them (and Muon) a 2-layer model learns to copy
+within a few hundred steps and then retrieves the key.
 """
 
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +40,7 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_ROOM = 8  # evaluation: tokens left after the prompt for " NNNNN" (6 bytes) and a little more
 DEPTHS = 11  # evaluation items cycle through depths 0, 0.1, ..., 1.0
+DRILL_CHARS = string.ascii_lowercase + string.digits  # what copy drills are written in
 
 
 @dataclass(frozen=True)
@@ -92,15 +101,37 @@ def passkeys(n: int, length: int, seed: int = 0, count: Callable[[str], int] = l
     return docs
 
 
-def write_corpus(path: str | Path, n: int, length: int, seed: int = 0, min_length: int = 0) -> Path:
-    """A jsonl of `n` passkey documents ({"text": ...}) of `min_length` (default: a quarter of `length`, or the
-    shortest document there is) to `length` characters, for `commonlm data prepare` (which splits off the
-    validation documents: --val-fraction)."""
+def copy_drill(length: int, rng: random.Random) -> str:
+    """Random strings of 8 to 24 characters, each written twice ("k3f9xq2m = k3f9xq2m."), as many pairs as fit
+    `length` characters: nothing in it can be memorised, so the second string of each pair is predictable only by
+    copying the first."""
+    pairs: list[str] = []
+    while True:
+        word = "".join(rng.choice(DRILL_CHARS) for _ in range(rng.randint(8, 24)))
+        pair = f"{word} = {word}."
+        if pairs and len(" ".join([*pairs, pair])) > length:
+            return " ".join(pairs)
+        pairs.append(pair)
+
+
+def write_corpus(path: str | Path, n: int, length: int, seed: int = 0, min_length: int = 0,
+                 copies: float = 0.0) -> Path:
+    """A jsonl of `n` documents ({"text": ...}) of `min_length` (default: a quarter of `length`, or the shortest
+    passkey document there is) to `length` characters, for `commonlm data prepare` (which splits off the validation
+    documents: --val-fraction): passkey documents, and a share `copies` of copy drills (`copy_drill`) among them at
+    seeded places (0: none, the corpus of earlier versions)."""
     from commonlm.utils import write_jsonl
 
+    if not 0.0 <= copies < 1.0:
+        raise UserError(f"passkey corpus: copies={copies} is the share of copy drills among the documents; use a "
+                        "number in [0, 1)")
     shortest = len(Passkey(f"{KEY_LINE.format(key='00000')} {QUESTION}", "00000", 0.0).text)
-    docs = passkeys(n, length, seed, min_length=min_length or min(length, max(length // 4, shortest)))
-    write_jsonl(path, [{"text": d.text} for d in docs])
+    low = min_length or min(length, max(length // 4, shortest))
+    texts = [d.text for d in passkeys(n, length, seed, min_length=low)]
+    rng = random.Random(f"passkey-copies:{seed}:{length}")
+    for i in sorted(rng.sample(range(n), round(n * copies))):
+        texts[i] = copy_drill(rng.randint(low, length), rng)
+    write_jsonl(path, [{"text": t} for t in texts])
     return Path(path)
 
 
