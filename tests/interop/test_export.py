@@ -19,7 +19,7 @@ FAMILIES = {
 }
 LATENT = ModelConfig(family="deepseek_v3", n_layer=2, n_head=4, d_model=64, vocab_size=320, max_seq_len=48,
                      tie_embeddings=False, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                     v_head_dim=12)  # (ONNX only: GGUF has no latent-attention layout here)
+                     v_head_dim=12)  # (ONNX here; GGUF's DEEPSEEK2 layout: tests/interop/test_gguf_moe.py)
 
 
 def _bpe():
