@@ -122,6 +122,15 @@ def test_qwen3_moe_yarn_is_written_as_llamacpp_reads_it(tmp_path):
         export_gguf(_qwen3_moe(**yarn, rope_beta_slow=2.0), _bpe(), tmp_path / "x.gguf")
 
 
+def test_linear_rope_scaling_is_written_as_its_factor(tmp_path):
+    from commonlm.interop.gguf_export import export_gguf
+
+    export_gguf(_qwen3_moe(rope_scaling="linear", rope_factor=2.5), _bpe(), tmp_path / "m.gguf", quant="f16")
+    _, fields = _fields(tmp_path / "m.gguf")
+    assert {k: v for k, v in fields.items() if k.startswith("qwen3moe.rope.scaling.")} == {
+        "qwen3moe.rope.scaling.type": "linear", "qwen3moe.rope.scaling.factor": 2.5}
+
+
 # DeepSeek-V3 checkpoints as DeepSeek ships them (rotary pairs interleaved), tiny
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=64, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -269,8 +278,8 @@ def test_deepseek_v3_yarn_is_written_and_what_llamacpp_would_run_otherwise_is_re
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMACPP_PYTHON"), reason="set LLAMACPP_PYTHON to a python with llama_cpp")
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe yarn", "qwen3_moe yarn x1.2", "llama yarn", "deepseek_v3",
-                                  "deepseek_v3 yarn"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe yarn", "qwen3_moe yarn x1.2", "llama yarn", "llama linear",
+                                  "deepseek_v3", "deepseek_v3 yarn"])
 def test_llamacpp_runs_our_file_with_our_logits(kind, tmp_path):
     """Real llama.cpp (llama-cpp-python, in a python of its own) on our f32 file, with an f32 KV cache: its logits at
     every position of a sequence (past YaRN's original context) equal ours within 1e-4."""
@@ -278,6 +287,8 @@ def test_llamacpp_runs_our_file_with_our_logits(kind, tmp_path):
 
     yarn = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_len=16,
                 rope_attention_factor=1.2 if kind.endswith("x1.2") else 0.0) if "yarn" in kind else {}
+    if kind.endswith("linear"):
+        yarn = dict(rope_scaling="linear", rope_factor=2.5)
     torch.manual_seed(0)
     if kind.startswith("qwen3_moe"):
         model = _qwen3_moe(**yarn)

@@ -129,12 +129,14 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
 
 
 def _rope_mismatch(c) -> str | None:
-    """Why llama.cpp would run this model's RoPE scaling differently from us, or None. YaRN is written (linear, llama3
-    and dynamic NTK are not yet). llama.cpp reads no YaRN beta keys for these architectures (32 and 1) and always
+    """Why llama.cpp would run this model's RoPE scaling differently from us, or None. Linear and YaRN are written
+    (llama3 would need a rope_freqs tensor; dynamic NTK has no llama.cpp counterpart). llama.cpp reads no YaRN beta keys for these architectures (32 and 1) and always
     rounds the blend's range. DEEPSEEK2 takes the softmax scale from mscale_all_dim (its yarn_log_multiplier) and
     leaves the cos/sin unscaled: DeepSeek's own setting (mscale = mscale_all_dim, so transformers' cos/sin factor is
     1); other settings would scale every query-key product differently."""
     deepseek = c.family == "deepseek_v3"
+    if c.rope_scaling == "linear" and not deepseek and c.family != "gpt2":  # positions divided by the factor, as ours
+        return None  # (DEEPSEEK2 with linear scaling gave logits 0.68 away from ours in llama.cpp: refused)
     if c.rope_scaling != "yarn" or c.family == "gpt2":
         return f"model.rope_scaling={c.rope_scaling} is not written to GGUF yet"
     fixed = [("rope_beta_fast", c.rope_beta_fast, 32.0), ("rope_beta_slow", c.rope_beta_slow, 1.0),
@@ -149,6 +151,9 @@ def _rope_mismatch(c) -> str | None:
 
 def _add_rope_scaling(writer, gguf, c) -> None:
     """The RoPE scaling keys `_rope_mismatch` passed, as llama.cpp's converter writes them."""
+    if c.rope_scaling == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(c.rope_factor)
     if c.rope_scaling == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(c.rope_factor)
