@@ -130,10 +130,11 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
 
 def _rope_mismatch(c) -> str | None:
     """Why llama.cpp would run this model's RoPE scaling differently from us, or None. Linear and YaRN are written
-    (llama3 would need a rope_freqs tensor; dynamic NTK has no llama.cpp counterpart). llama.cpp reads no YaRN beta keys for these architectures (32 and 1) and always
-    rounds the blend's range. DEEPSEEK2 takes the softmax scale from mscale_all_dim (its yarn_log_multiplier) and
-    leaves the cos/sin unscaled: DeepSeek's own setting (mscale = mscale_all_dim, so transformers' cos/sin factor is
-    1); other settings would scale every query-key product differently."""
+    (llama3 would need a rope_freqs tensor; dynamic NTK has no llama.cpp counterpart). llama.cpp reads no YaRN beta
+    keys for these architectures (32 and 1) and always rounds the blend's range. DEEPSEEK2 takes the softmax scale
+    from mscale_all_dim (its yarn_log_multiplier) and leaves the cos/sin unscaled: DeepSeek's own setting (mscale =
+    mscale_all_dim, so transformers' cos/sin factor is 1); other settings would scale every query-key product
+    differently."""
     deepseek = c.family == "deepseek_v3"
     if c.rope_scaling == "linear" and not deepseek and c.family != "gpt2":  # positions divided by the factor, as ours
         return None  # (DEEPSEEK2 with linear scaling gave logits 0.68 away from ours in llama.cpp: refused)
