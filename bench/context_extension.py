@@ -5,7 +5,9 @@ passkey retrieval (data/passkey.py) before and after.
     .venv/bin/python bench/context_extension.py --baselines linear   # and linear interpolation as well
 
 Every stage is the real CLI in a subprocess: `tokenizer train --kind byte`, `data prepare` of two passkey corpora
-(documents of up to the short and the long context), `train` of a small llama at the short context, `train --init
+(documents of up to the short and the long context; half of them copy drills, `write_corpus(copies=)`, without which
+small models never learned to copy in this budget), `train` of a small llama at the short context (Muon: with AdamW
+the same models stayed on the plateau before copying for the whole budget), `train --init
 BASE --set model.max_seq_len=LONG model.rope_scaling=yarn model.rope_factor=4` on the long documents, and `eval
 --task passkey:LEN` (greedy, exact match on the five digits; chance is ~0). Beside the trained models the table
 shows the base model stretched without training (plain RoPE at positions it never saw; YaRN applied zero-shot), made
@@ -85,26 +87,29 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/context_extension"), help="where runs and data go")
     ap.add_argument("--short", type=int, default=256, help="the pretraining context")
     ap.add_argument("--factor", type=int, default=4, help="the longer context is this many times the short one")
-    ap.add_argument("--base-seconds", type=float, default=1500, help="pretraining wall time")
-    ap.add_argument("--base-steps", type=int, default=1200, help="pretraining steps (the schedule's length)")
-    ap.add_argument("--extend-seconds", type=float, default=420, help="wall time of each continuation")
-    ap.add_argument("--extend-steps", type=int, default=600, help="steps of each continuation")
+    ap.add_argument("--base-seconds", type=float, default=900, help="pretraining wall time")
+    ap.add_argument("--base-steps", type=int, default=2000, help="pretraining steps (the schedule's length)")
+    ap.add_argument("--extend-seconds", type=float, default=300, help="wall time of each continuation")
+    ap.add_argument("--extend-steps", type=int, default=500, help="steps of each continuation")
     ap.add_argument("--baselines", nargs="*", default=["none"], choices=["none", "linear", "dynamic", "llama3"],
                     help="continuations besides YaRN (none: plain continuation without scaling)")
     ap.add_argument("--threads", type=int, default=1, help="training threads (on a loaded 2-core box one thread "
                     "trained 2.5x faster than two: the second thread's OpenMP barriers wait on a busy core)")
-    ap.add_argument("--batch", type=int, default=32, help="the base's micro-batch (sequences of the short context)")
+    ap.add_argument("--batch", type=int, default=16, help="the base's micro-batch (sequences of the short context)")
     ap.add_argument("--limit", type=int, default=22, help="passkey items per length (depths spread 0..1)")
-    ap.add_argument("--model", nargs="*", default=["model.n_layer=4", "model.d_model=128", "model.n_head=4"],
+    ap.add_argument("--model", nargs="*", default=["model.n_layer=2", "model.d_model=128", "model.n_head=4"],
                     help="--set model.* of the base")
+    ap.add_argument("--copies", type=float, default=0.5, help="share of copy drills among the corpora's documents")
+    ap.add_argument("--optimizer", default="muon", choices=["muon", "adamw"], help="of every training run")
+    ap.add_argument("--seed", type=int, default=7, help="train.seed of every training run")
     args = ap.parse_args()
     short, long = args.short, args.short * args.factor
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     print(f"# context_extension · {machine()} · load {load_average()}\n", flush=True)
 
-    write_corpus(work / "short.jsonl", 40000, short, seed=0)
-    write_corpus(work / "long.jsonl", 10000, long, seed=1)
+    write_corpus(work / "short.jsonl", 40000, short, seed=0, copies=args.copies)
+    write_corpus(work / "long.jsonl", 10000, long, seed=1, copies=args.copies)
     commonlm("tokenizer", "train", "--kind", "byte", "--input", work / "short.jsonl", "--out", work / "tok",
              "--overwrite")
     for name in ("short", "long"):
@@ -114,8 +119,9 @@ def main() -> None:
 
     rows = []
     lengths = [short, 2 * short, long] if args.factor >= 2 else [short, long]
+    common = [f"train.optimizer={args.optimizer}", f"train.seed={args.seed}", "train.schedule=cosine"]
     base_sets = [f"model.max_seq_len={short}", *args.model, f"train.micro_batch_size={args.batch}", "train.lr=3e-3",
-                 "train.warmup_steps=50", "train.schedule=cosine"]
+                 "train.warmup_steps=30", *common]
     base_seconds = train(work / "base", work / "short", base_sets, args.base_seconds, args.base_steps, args.threads)
     base = work / "base" / "final"
 
@@ -137,12 +143,13 @@ def main() -> None:
         factor = 1 if scaling == "none" else args.factor
         sets = [f"model.max_seq_len={long}", f"model.rope_scaling={scaling}", f"model.rope_factor={factor}",
                 f"train.micro_batch_size={max(1, args.batch // args.factor)}", "train.lr=1e-3", "train.warmup_steps=20",
-                "train.schedule=cosine"]
+                *common]
         seconds = train(work / f"ext-{scaling}", work / "long", sets, args.extend_seconds, args.extend_steps,
                         args.threads, base)
         label = "none (plain continuation)" if scaling == "none" else f"{scaling} x{factor}"
         row(f"continued at {long}", work / f"ext-{scaling}" / "final", f"{short} then {long}", label, seconds)
-    print(f"\nbase: {' '.join(base_sets)}, {args.base_seconds:g} s or {args.base_steps} steps; continuations: "
+    print(f"\ncorpora: {args.copies:g} copy drills; base: {' '.join(base_sets)}, {args.base_seconds:g} s or "
+          f"{args.base_steps} steps; continuations: "
           f"micro-batch {max(1, args.batch // args.factor)} x {long} tokens, lr 1e-3, {args.extend_seconds:g} s or "
           f"{args.extend_steps} steps; "
           f"passkey: {args.limit} items per length · load {load_average()}")
