@@ -61,7 +61,7 @@ def train(out: Path, data: Path, sets: list[str], seconds: float, steps: int, th
 
 
 def passkey_accuracy(model: Path, length: int, limit: int, work: Path) -> str:
-    report = work / f"{model.parent.name}-{length}.json"
+    report = work / f"{model.parent.name if model.name == 'final' else model.name}-{length}.json"
     proc = commonlm("eval", model, "--task", f"passkey:{length}", "--limit", limit, "--json", report)
     if proc.returncode:  # a prompt longer than the model's context: refused
         return "-"
