@@ -14,22 +14,29 @@ from tests.train.test_trainer import SMALL, small_config, train_losses
 STEPS = ["train.max_steps=6", "train.ckpt_every=3", "train.lr=3e-3"]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_keeps_ranks_identical_and_matches_single_process(byte_data, tmp_path):
-    script = tmp_path / "ddp_train.py"
+def train_under_torchrun(data, overrides: list[str], out, then: str = "") -> None:
+    """`train` of the tiny preset with `overrides` on `data` into `out` in two processes under torchrun; `then`: more
+    lines for each process to run after it (`result` is train's)."""
+    script = out.parent / f"{out.name}_train.py"
     script.write_text(textwrap.dedent(f"""
         import os
-        from safetensors.torch import save_file
         from commonlm.config import load_config
         from commonlm.train.trainer import train
-        config = load_config("tiny", {SMALL + STEPS!r})
-        config.data.path = {str(byte_data)!r}
-        result = train(config, {str(tmp_path / "ddp")!r})
-        state = {{k: v.contiguous() for k, v in result.model.state_dict().items() if k != "lm_head.weight"}}
-        save_file(state, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.safetensors")
-    """))
+        config = load_config("tiny", {overrides!r})
+        config.data.path = {str(data)!r}
+        result = train(config, {str(out)!r})
+    """) + textwrap.dedent(then))
     proc = torchrun(script)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical_and_matches_single_process(byte_data, tmp_path):
+    train_under_torchrun(byte_data, SMALL + STEPS, tmp_path / "ddp", then=f"""
+        from safetensors.torch import save_file
+        state = {{k: v.contiguous() for k, v in result.model.state_dict().items() if k != "lm_head.weight"}}
+        save_file(state, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.safetensors")
+    """)
 
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
     rank1 = load_file(str(tmp_path / "rank1.safetensors"))

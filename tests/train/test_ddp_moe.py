@@ -1,13 +1,11 @@
 """Under DDP a mixture of experts logs its router metrics over all ranks' tokens: two processes log what one process
 with twice the batch logs (the same windows), not each rank's own half."""
 
-import textwrap
-
 import pytest
 
 from commonlm.train.metrics import read_metrics
 from commonlm.train.trainer import train
-from tests.procs import torchrun
+from tests.train.test_ddp import train_under_torchrun
 from tests.train.test_trainer import SMALL, small_config
 
 MOE = ["model.n_experts=4", "model.experts_per_token=2", "model.expert_ff_dim=32", "model.router_bias=true",
@@ -22,16 +20,7 @@ def router_log(run_dir):
 
 @pytest.mark.slow
 def test_two_process_router_metrics_are_those_of_all_tokens(byte_data, tmp_path):
-    script = tmp_path / "ddp_moe.py"
-    script.write_text(textwrap.dedent(f"""
-        from commonlm.config import load_config
-        from commonlm.train.trainer import train
-        config = load_config("tiny", {SMALL + MOE!r})
-        config.data.path = {str(byte_data)!r}
-        train(config, {str(tmp_path / "ddp")!r})
-    """))
-    proc = torchrun(script)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_under_torchrun(byte_data, SMALL + MOE, tmp_path / "ddp")
 
     # one process with micro_batch 8 sees the same windows as two processes with 4 each
     train(small_config(byte_data, *MOE, "train.micro_batch_size=8"), tmp_path / "single")
