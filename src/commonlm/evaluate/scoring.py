@@ -10,9 +10,9 @@ multiple-choice item costs one context and its choices, not a copy of the contex
 those of a row per pair. Layouts are sorted by length and packed into batches (the longest open the rows, the
 shortest fill what is left of them), one forward pass per batch, and only the positions a continuation is
 scored from are read: the head, over the whole vocabulary, runs on those positions alone. On CPU, the threads
-follow the CPUs other processes leave free, looked at between forward passes (threads.py's governor, as training
-does; the count is put back at the end): on a 2-core machine shared with other work, social_iqa scored 2.6x
-faster with 1 thread than with 2.
+follow the CPUs other processes leave free, looked at between forward passes and generation steps (threads.py's
+governor, as training does; the count is put back at the end): on a 2-core machine shared with other work,
+social_iqa scored 2.6x faster with 1 thread than with 2.
 
 Multiple choice reports `acc` (the most likely choice is right) and `acc_norm` (log-likelihood divided by the
 choice's length in characters, as the harness does); BIG-bench's partial credits count as they are. Cloze
@@ -24,9 +24,11 @@ model's stop ids, and is cut at the task's stop strings afterwards; checkers com
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -131,16 +133,23 @@ def loglikelihoods(model: torch.nn.Module, pairs: list[tuple[list[int], list[int
     device = next(model.parameters()).device
     totals = torch.zeros(len(pairs), dtype=torch.float64)
     misses = torch.zeros(len(pairs), dtype=torch.long)
+    with _free_cpus(device) as look:
+        for rows in _rows(_contexts(pairs, max_len), batch_size, vocab):
+            _score_rows(model, rows, device, totals, misses)
+            look()
+    return [(total, miss == 0) for total, miss in zip(totals.tolist(), misses.tolist())]
+
+
+@contextlib.contextmanager
+def _free_cpus(device: torch.device) -> Iterator[Callable[[], object]]:
+    """A look at the CPUs other processes leave free, to call between forward passes (on CPU: threads.py's
+    governor sets torch's threads to them, at most every 2 s); torch's thread count is put back at the end."""
     threads = torch.get_num_threads()
     governor = ThreadGovernor(threads, every=2.0) if device.type == "cpu" else None
     try:
-        for rows in _rows(_contexts(pairs, max_len), batch_size, vocab):
-            _score_rows(model, rows, device, totals, misses)
-            if governor is not None:
-                governor.update()
+        yield governor.update if governor is not None else (lambda: None)
     finally:
         torch.set_num_threads(threads)
-    return [(total, miss == 0) for total, miss in zip(totals.tolist(), misses.tolist())]
 
 
 def _score_rows(model: torch.nn.Module, rows: list[list[_Context]], device: torch.device, totals: torch.Tensor,
@@ -325,7 +334,8 @@ def _generate(model, tokenizer, task, items, k, batch_size):
         requests.append(Request(prompt_ids=ids[-(max_len - new_tokens):], max_tokens=new_tokens, temperature=0.0,
                                 stop_ids=tuple(sorted(stop_ids))))
     engine = Engine(model, max_batch=max(1, min(batch_size, len(requests))), max_len=max_len)
-    seqs = engine.run_all(requests)
+    with _free_cpus(next(model.parameters()).device) as look:
+        seqs = engine.run_all(requests, between=look)
     right, per_item = 0.0, []
     for item, seq in zip(items, seqs):
         answer = answer_of(tokenizer.decode(seq.generated), task.stop, task.output_regex)

@@ -168,12 +168,15 @@ class Engine:
             except Exception as e:  # a bug must not stop the engine: fail what was running, keep serving
                 self._fail_running(e)
 
-    def run_all(self, requests: list[Request]) -> list[Sequence]:
+    def run_all(self, requests: list[Request], between: Callable[[], object] | None = None) -> list[Sequence]:
         """Submit `requests` and decode on the calling thread until every one has finished, for an engine that
-        nobody else feeds (GRPO's rollouts, tune/grpo.py): their ids are in `.generated`. Errors propagate."""
+        nobody else feeds (GRPO's rollouts, tune/grpo.py; evaluation): their ids are in `.generated`. Errors
+        propagate. `between`: called after every step (evaluation's thread governor)."""
         seqs = [self.submit(request) for request in requests]
         while self.waiting or self.running:
             self.step()
+            if between is not None:
+                between()
         return seqs
 
     # -- one step -------------------------------------------------------------------------------------
