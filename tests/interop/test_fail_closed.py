@@ -142,3 +142,16 @@ def test_a_transformers_directory_with_an_extra_tensor_is_refused_on_load(tmp_pa
     save_file({**tensors, "model.layers.0.mlp.experts.0.weight": torch.zeros(2, 2)}, str(weights))
     with pytest.raises(UserError, match=r"unexpected weights \['model.layers.0.mlp.experts.0.weight'\]"):
         load_model_dir(tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_experts_or_latent_attention_in_a_dense_family_name_the_family_that_holds_them(family):
+    base = dict(family=family, n_layer=2, n_head=4, d_model=64, vocab_size=320, qk_norm=family == "qwen3")
+    experts = hf_incompatibility(ModelConfig(**base, n_experts=4, experts_per_token=2))
+    assert "n_experts=4" in experts and "model.family=qwen3_moe model.qk_norm=true" in experts
+    latent = hf_incompatibility(ModelConfig(**base, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                            v_head_dim=8))
+    assert "kv_lora_rank=16" in latent and "model.family=deepseek_v3" in latent
+    # the family the hint names holds it
+    assert hf_incompatibility(ModelConfig(**{**base, "family": "qwen3_moe", "qk_norm": True}, n_experts=4,
+                                          experts_per_token=2)) is None

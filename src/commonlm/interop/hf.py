@@ -392,8 +392,18 @@ def hf_incompatibility(c: ModelConfig, state: dict[str, torch.Tensor] | None = N
     for f in dataclasses.fields(ours):  # every field, so one added later is checked too
         value, read = getattr(ours, f.name), getattr(theirs, f.name, f.default)
         if value != read:
-            return f"{c.family}'s config.json cannot express model.{f.name}={value!r} (it reads back as {read!r})"
+            hint = _FAMILY_FOR.get(f.name, "") if c.family not in ("qwen3_moe", "deepseek_v3") else ""
+            return (f"{c.family}'s config.json cannot express model.{f.name}={value!r} (it reads back as {read!r})"
+                    + hint)
     return None if state is None else _tensor_mismatch(c, state)
+
+
+# what a dense family cannot hold, and the family that does
+_FAMILY_FOR = {
+    "n_experts": "; routed experts go in family qwen3_moe (--set model.family=qwen3_moe model.qk_norm=true) or "
+                 "deepseek_v3",
+    "kv_lora_rank": "; latent attention goes in family deepseek_v3 (--set model.family=deepseek_v3)",
+}
 
 
 def _resolved(c: ModelConfig) -> ModelConfig:
