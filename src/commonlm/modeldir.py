@@ -18,6 +18,7 @@ adapter). Loading one loads its base and merges the adapter in (tune/lora.py's l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -106,11 +107,11 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenizer, config: RunConfig,
-                      weights: dict[str, torch.Tensor] | None = None) -> None:
+                      weights: dict[str, torch.Tensor] | None = None, inference: bool = False) -> None:
     """Write the model-directory files into an existing (usually temporary) directory: a transformers
     directory when the family's class holds every tensor and setting of the model, else the native one; for a
     model with LoRA adapters, an adapter directory. `weights`: the model's whole state dict when the caller
-    gathered it already (a sharded model's)."""
+    gathered it already (a sharded model's). `inference`: a model directory, not a checkpoint (`inference_form`)."""
     directory = Path(directory)
     model = _unwrap(model)
     c = model.config
@@ -118,7 +119,11 @@ def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenize
         lora.write_adapter(directory, model, base_model=config.train.init or None)
         naming = "adapter"
     else:
-        naming = _write_weights(directory, model, tokenizer, weights)
+        state = {k: v.detach().to("cpu", torch.float32) for k, v in (weights or model.state_dict()).items()}
+        if inference:
+            c, state = inference_form(c, state)
+            config = dataclasses.replace(config, model=c)
+        naming = _write_weights(directory, c, tokenizer, state)
     eos = list(tokenizer.stop_ids)
     atomic_write_json(
         directory / "generation_config.json",
@@ -130,12 +135,20 @@ def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenize
     atomic_write_text(directory / "commonlm.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
-def _write_weights(directory: Path, model: Decoder, tokenizer: Tokenizer,
-                   weights: dict[str, torch.Tensor] | None) -> str:
+def inference_form(c: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model as inference needs it: when auxiliary-loss-free balancing (model.balance_rate, and the pending load
+    it steps the bias from) is all that keeps it from the family's transformers class, without them: the bias it
+    trained stays (DeepSeek-V3's e_score_correction_bias), so the outputs are the same. A checkpoint keeps both, to
+    resume exactly. Else `c` and `state` as they are."""
+    if c.balance_rate == 0:
+        return c, state
+    lean = dataclasses.replace(c, balance_rate=0.0, router_bias=True)  # (the bias the rate stepped, kept)
+    kept = {k: v for k, v in state.items() if not k.endswith(".balance_load")}
+    return (lean, kept) if hf.hf_incompatibility(lean, kept) is None else (c, state)
+
+
+def _write_weights(directory: Path, c: ModelConfig, tokenizer: Tokenizer, state: dict[str, torch.Tensor]) -> str:
     """The weights and config.json, under the family's transformers names where they fit, else ours; the naming."""
-    c = model.config
-    weights = model.state_dict() if weights is None else weights
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}
     eos_id = tokenizer.token_id(tokenizer.eos_token)
     reason = hf.hf_incompatibility(c, state)
     if reason is None:
@@ -159,7 +172,7 @@ def save_model_dir(path: str | Path, model: Decoder, tokenizer: Tokenizer, confi
                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete model directory atomically (replacing an older one at `path`)."""
     with atomic_dir(path, overwrite=True) as tmp:
-        write_model_files(tmp, model, tokenizer, config, weights)
+        write_model_files(tmp, model, tokenizer, config, weights, inference=True)
     return Path(path)
 
 

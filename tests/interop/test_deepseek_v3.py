@@ -13,7 +13,7 @@ from commonlm.infer.engine import Engine, Request
 from commonlm.interop.hf import hf_incompatibility
 from commonlm.interop.importer import import_hf
 from commonlm.model.decoder import Decoder
-from commonlm.modeldir import load_model_dir, save_model_dir
+from commonlm.modeldir import load_model_dir, save_model_dir, write_model_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,10 +102,18 @@ OURS = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(OURS))
+BALANCING = OURS["moe"] | {"balance_rate": 1e-3}  # trained with auxiliary-loss-free balancing
+
+
+@pytest.mark.parametrize("kind", [*sorted(OURS), "balancing"])
 def test_transformers_loads_our_directory_with_same_logits(kind, tmp_path):
-    config, model = _ours(**OURS[kind])
-    assert hf_incompatibility(config, model.state_dict()) is None
+    config, model = _ours(**OURS.get(kind, BALANCING))
+    if kind == "balancing":  # the rate has no DeepSeek-V3 field (nor its pending load a name): a model directory
+        assert "balance_rate=" in hf_incompatibility(config)  # leaves them out (modeldir.inference_form)
+        model.train()(_idx())  # a training forward: a pending load to leave out
+        model.eval()
+    else:
+        assert hf_incompatibility(config, model.state_dict()) is None
     save_model_dir(tmp_path / "m", model, Tokenizer.byte_level(), RunConfig(model=config))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert type(theirs).__name__ == "DeepseekV3ForCausalLM"
@@ -115,13 +123,13 @@ def test_transformers_loads_our_directory_with_same_logits(kind, tmp_path):
         assert (ours - theirs(idx).logits).abs().max().item() < 1e-4
         ref_ids = theirs.generate(idx[:1, :5], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert _greedy_via_engine(model, idx[0, :5].tolist(), 10) == ref_ids[0, 5:].tolist()
-    again, _, _ = load_model_dir(tmp_path / "m")
+    again, _, saved = load_model_dir(tmp_path / "m")
+    assert saved.model.balance_rate == 0.0
     with torch.no_grad():
         assert torch.equal(again.eval()(idx)[0], ours)
 
 
 @pytest.mark.parametrize("fields", [
-    {"balance_rate": 1e-3},  # a training-time rate: no DeepSeek-V3 field (nor its pending-load buffer a name)
     {"router_aux_loss": 0.01}, {"n_shared_experts": 0}, {"router_score": "softmax"}, {"sliding_window": 8},
     {"router_bias": False},
 ])
@@ -130,6 +138,18 @@ def test_what_the_class_cannot_hold_is_saved_natively(fields, tmp_path):
     assert f"{next(iter(fields))}=" in hf_incompatibility(config)
     save_model_dir(tmp_path / "m", model, Tokenizer.byte_level(), RunConfig(model=config))
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "commonlm"
+
+
+def test_a_checkpoint_of_a_model_trained_with_balancing_keeps_the_rate_and_its_pending_load(tmp_path):
+    """What a model directory leaves out (the test above), a checkpoint keeps, to resume exactly."""
+    config, model = _ours(**BALANCING)
+    model.train()(_idx())
+    assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if n.endswith("balance_load"))
+    write_model_files(tmp_path, model, Tokenizer.byte_level(), RunConfig(model=config))  # as a checkpoint is written
+    resumed, _, saved = load_model_dir(tmp_path)
+    assert saved.model.balance_rate == 1e-3
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "commonlm"
+    assert all(torch.equal(b, dict(resumed.named_buffers())[n]) for n, b in model.named_buffers())
 
 
 @pytest.mark.parametrize("field, value, match", [

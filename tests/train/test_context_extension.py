@@ -64,6 +64,28 @@ def test_shape_changes_are_refused_naming_the_field():
         continued_config(learned, dataclasses.replace(learned, max_seq_len=128), "base")
 
 
+def test_balancing_can_start_or_stop_with_init_where_the_router_keeps_its_bias():
+    """A model directory leaves model.balance_rate out (modeldir.inference_form), so fine-tuning with balancing
+    sets it again: the pending load starts empty, the trained bias and every weight are kept."""
+    experts = dataclasses.replace(BASE, n_experts=4, experts_per_token=2, expert_ff_dim=32, router_bias=True)
+    base = randomized(experts)
+    with torch.no_grad():
+        for block in base.blocks:
+            block.mlp.balance_bias.copy_(torch.randn(4))
+    balancing = continued_model(base, dataclasses.replace(experts, balance_rate=1e-3), "base", torch.device("cpu"))
+    assert balancing.config.balance_rate == 1e-3
+    assert all(torch.equal(block.mlp.balance_load, torch.zeros(4)) for block in balancing.blocks)
+    assert torch.equal(logits(balancing, 32), logits(base, 32))
+    stopped = continued_model(balancing, experts, "base", torch.device("cpu"))
+    assert not hasattr(stopped.blocks[0].mlp, "balance_load") and torch.equal(logits(stopped, 32), logits(base, 32))
+    # a router without a bias would gain one (or lose the one balancing stepped): refused in one line
+    unbiased = dataclasses.replace(experts, router_bias=False)
+    with pytest.raises(UserError, match="would add the router's bias"):
+        continued_config(unbiased, dataclasses.replace(unbiased, balance_rate=1e-3), "base")
+    with pytest.raises(UserError, match="would drop the router's bias"):
+        continued_config(dataclasses.replace(unbiased, balance_rate=1e-3), unbiased, "base")
+
+
 def test_a_config_without_model_settings_keeps_the_init_models():
     base = randomized(BASE)
     assert continued_model(base, ModelConfig(), "base", torch.device("cpu")) is base
