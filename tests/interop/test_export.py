@@ -116,7 +116,8 @@ def test_gguf_refuses_a_native_architecture(tmp_path):
     with pytest.raises(UserError, match="needs merges"):
         export_gguf(_model("llama"), Tokenizer.byte_level(), tmp_path / "m.gguf")
     # settings a transformers directory holds but this GGUF writer does not: llama.cpp would run them wrong
-    for setting, match in [({"rope_scaling": "llama3", "rope_factor": 8.0}, "rope_scaling"),
+    for setting, match in [({"family": "qwen3", "qk_norm": True, "rope_scaling": "llama3", "rope_factor": 8.0},
+                            "rope_scaling"),
                            ({"sliding_window": 16}, "sliding_window"),
                            ({"family": "qwen3_moe", "qk_norm": True, "n_experts": 4, "experts_per_token": 2,
                              "router_norm_topk": False}, "router_norm_topk")]:

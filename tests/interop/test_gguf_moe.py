@@ -131,6 +131,31 @@ def test_linear_rope_scaling_is_written_as_its_factor(tmp_path):
         "qwen3moe.rope.scaling.type": "linear", "qwen3moe.rope.scaling.factor": 2.5}
 
 
+def test_llama3_rope_scaling_is_written_as_llamacpps_frequency_factors(tmp_path):
+    """Llama 3.x's scaling as llama.cpp's converter writes it: a rope_freqs tensor, each plain frequency over the
+    scaled one, here from transformers' own llama3 frequencies (not ours)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from commonlm.interop.gguf_export import export_gguf
+
+    llama3 = dict(rope_scaling="llama3", rope_factor=8.0, rope_original_len=16, rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0)
+    model = Decoder(ModelConfig(family="llama", n_layer=1, n_head=4, d_model=64, vocab_size=320, max_seq_len=64,
+                                **llama3))
+    export_gguf(model, _bpe(), tmp_path / "m.gguf", quant="q8_0")
+    reader, fields = _fields(tmp_path / "m.gguf")
+    assert not any(k.startswith("llama.rope.scaling.") for k in fields)  # (the factors say it all)
+    got, kind = _dequantized(reader)["rope_freqs.weight"]
+    theirs = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 16,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    scaled = ROPE_INIT_FUNCTIONS["llama3"](theirs, "cpu")[0]
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    assert kind == "F32" and np.allclose(got, (plain / scaled).numpy(), rtol=1e-6)
+    assert got.max() == pytest.approx(8.0) and (got < 7.9).any()  # interpolated by the factor, and blended
+
+
 # DeepSeek-V3 checkpoints as DeepSeek ships them (rotary pairs interleaved), tiny
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=64, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -279,7 +304,7 @@ def test_deepseek_v3_yarn_is_written_and_what_llamacpp_would_run_otherwise_is_re
 
 @pytest.mark.skipif(not os.environ.get("LLAMACPP_PYTHON"), reason="set LLAMACPP_PYTHON to a python with llama_cpp")
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe yarn", "qwen3_moe yarn x1.2", "llama yarn", "llama linear",
-                                  "deepseek_v3", "deepseek_v3 yarn"])
+                                  "llama llama3", "deepseek_v3", "deepseek_v3 yarn"])
 def test_llamacpp_runs_our_file_with_our_logits(kind, tmp_path):
     """Real llama.cpp (llama-cpp-python, in a python of its own) on our f32 file, with an f32 KV cache: its logits at
     every position of a sequence (past YaRN's original context) equal ours within 1e-4."""
@@ -289,6 +314,9 @@ def test_llamacpp_runs_our_file_with_our_logits(kind, tmp_path):
                 rope_attention_factor=1.2 if kind.endswith("x1.2") else 0.0) if "yarn" in kind else {}
     if kind.endswith("linear"):
         yarn = dict(rope_scaling="linear", rope_factor=2.5)
+    if kind.endswith("llama3"):  # (Llama 3.1's shape of it, the original context short enough to matter here)
+        yarn = dict(rope_scaling="llama3", rope_factor=8.0, rope_original_len=16, rope_low_freq_factor=1.0,
+                    rope_high_freq_factor=4.0)
     torch.manual_seed(0)
     if kind.startswith("qwen3_moe"):
         model = _qwen3_moe(**yarn)

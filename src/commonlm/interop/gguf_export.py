@@ -25,6 +25,7 @@ and silent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -37,10 +38,14 @@ import torch
 from commonlm.data.tokenizer import Tokenizer
 from commonlm.errors import UserError
 from commonlm.interop.hf import hf_incompatibility, to_hf
-from commonlm.model.decoder import Decoder
+from commonlm.model.decoder import Decoder, rope_frequencies
 from commonlm.utils import atomic_file
 
 QUANTS = ("f32", "f16", "q8_0")
+
+# the architectures whose llama.cpp graphs read a rope_freqs tensor (Llama 3.x's RoPE scaling), checked against
+# llama.cpp's logits
+LLAMA3_ARCHS = ("LLAMA",)
 
 # our family -> llama.cpp's architecture (Mistral runs as LLAMA)
 GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "gpt2": "GPT2",
@@ -130,14 +135,16 @@ def export_gguf(model: Decoder, tok: Tokenizer, out: str | Path, quant: str = "f
 
 def _rope_mismatch(c) -> str | None:
     """Why llama.cpp would run this model's RoPE scaling differently from us, or None. Linear and YaRN are written
-    (llama3 would need a rope_freqs tensor; dynamic NTK has no llama.cpp counterpart). llama.cpp reads no YaRN beta
-    keys for these architectures (32 and 1) and always rounds the blend's range. DEEPSEEK2 takes the softmax scale
-    from mscale_all_dim (its yarn_log_multiplier) and leaves the cos/sin unscaled: DeepSeek's own setting (mscale =
-    mscale_all_dim, so transformers' cos/sin factor is 1); other settings would scale every query-key product
-    differently."""
+    (llama3 as llama.cpp's rope_freqs tensor, for LLAMA3_ARCHS; dynamic NTK has no llama.cpp counterpart). llama.cpp
+    reads no YaRN beta keys for these architectures (32 and 1) and always rounds the blend's range. DEEPSEEK2 takes
+    the softmax scale from mscale_all_dim (its yarn_log_multiplier) and leaves the cos/sin unscaled: DeepSeek's own
+    setting (mscale = mscale_all_dim, so transformers' cos/sin factor is 1); other settings would scale every query-
+    key product differently."""
     deepseek = c.family == "deepseek_v3"
     if c.rope_scaling == "linear" and not deepseek and c.family != "gpt2":  # positions divided by the factor, as ours
         return None  # (DEEPSEEK2 with linear scaling gave logits 0.68 away from ours in llama.cpp: refused)
+    if c.rope_scaling == "llama3" and GGUF_ARCH.get(c.family) in LLAMA3_ARCHS:  # as a rope_freqs tensor
+        return None
     if c.rope_scaling != "yarn" or c.family == "gpt2":
         return f"model.rope_scaling={c.rope_scaling} is not written to GGUF yet"
     fixed = [("rope_beta_fast", c.rope_beta_fast, 32.0), ("rope_beta_slow", c.rope_beta_slow, 1.0),
@@ -184,6 +191,9 @@ def _tensors(gguf, arch, c, state: dict[str, torch.Tensor]) -> Iterator[tuple[st
             if gguf_name is None:
                 raise UserError(f"export: no GGUF name for tensor {name}")
             yield f"{gguf_name}.{suffix}", tensor
+    if c.rope_scaling == "llama3":  # llama.cpp divides each frequency by its factor: plain over ours, from our own
+        plain = rope_frequencies(dataclasses.replace(c, rope_scaling="none"))[0]  # frequencies, not a second formula
+        yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", plain / rope_frequencies(c)[0]
 
 
 def _llamacpp_layout(c, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
