@@ -119,7 +119,8 @@ def write_model_files(directory: str | Path, model: Decoder, tokenizer: Tokenize
         lora.write_adapter(directory, model, base_model=config.train.init or None)
         naming = "adapter"
     else:
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in (weights or model.state_dict()).items()}
+        weights = model.state_dict() if weights is None else weights
+        state = {k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}
         if inference:
             c, state = inference_form(c, state)
             config = dataclasses.replace(config, model=c)

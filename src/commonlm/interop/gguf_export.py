@@ -159,12 +159,10 @@ def _rope_mismatch(c) -> str | None:
 
 def _add_rope_scaling(writer, gguf, c) -> None:
     """The RoPE scaling keys `_rope_mismatch` passed, as llama.cpp's converter writes them."""
-    if c.rope_scaling == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    if c.rope_scaling in ("linear", "yarn"):  # (llama3 is a tensor: _tensors)
+        writer.add_rope_scaling_type(getattr(gguf.RopeScalingType, c.rope_scaling.upper()))
         writer.add_rope_scaling_factor(c.rope_factor)
     if c.rope_scaling == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(c.rope_factor)
         writer.add_rope_scaling_orig_ctx_len(c.rope_original_len or c.max_seq_len)
         if c.family == "deepseek_v3":  # (llama.cpp divides the multiplier by 0.1 again)
             writer.add_rope_scaling_yarn_log_mul(0.1 * c.rope_mscale_all_dim)
